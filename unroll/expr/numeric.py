@@ -1,0 +1,140 @@
+"""Evaluate an update expression numerically, straight from its sympy tree (numpy, one sample).
+
+This is deliberately *not* the lowering: it walks the printed expression node by node with
+plain numpy, heads one at a time, so that tests can check that what ``unroll explain`` prints
+is what the lowered torch module computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import sympy as sp
+
+from unroll.expr.nodes import HeadSum, LayerNorm, ReLU, SmoothGrad, Softmax, SoftThreshold, is_per_head
+
+Array = np.ndarray
+Binding = tuple[sp.MatrixSymbol, sp.MatrixExpr]
+
+
+def evaluate(
+    expr: sp.Basic,
+    values: Mapping[str, Array | float],
+    where: Sequence[Binding] = (),
+    smooth_grads: Mapping[str, Callable[[Array], Array]] | None = None,
+) -> Array:
+    """Value of ``expr`` given ``values`` by symbol name.
+
+    Per-head symbols (``U_k``) take arrays of shape (K, rows, cols); ``where`` binds
+    intermediate symbols (``W_k = U_k^T Y``) to expressions; ``smooth_grads`` gives the
+    gradient of each user-defined term by name.
+    """
+    return _Evaluator(values, where, smooth_grads or {}).run(expr)
+
+
+class _Evaluator:
+    def __init__(self, values, where, smooth_grads):
+        self.values = dict(values)
+        self.where = {sym.name: e for sym, e in where}
+        self.smooth_grads = smooth_grads
+        self.sizes: dict[sp.Symbol, int] = {}
+        self.memo: dict[tuple[str, int | None], Array] = {}
+        self.heads = next(
+            (np.shape(v)[0] for k, v in self.values.items() if k.endswith("_k")), None
+        )
+
+    def run(self, expr: sp.Basic) -> Array:
+        exprs = [expr, *self.where.values()]
+        for sym in set().union(*(e.atoms(sp.MatrixSymbol) for e in exprs)):
+            if sym.name in self.values:
+                shape = np.shape(self.values[sym.name])[1 if is_per_head(sym) else 0:]
+                for dim, n in zip(sym.shape, shape):
+                    if not sp.sympify(dim).is_Integer:
+                        self.sizes.setdefault(sp.sympify(dim), n)
+        return self.ev(expr, None)
+
+    def size(self, dim: sp.Expr) -> int:
+        dim = sp.sympify(dim)
+        if dim.is_Integer:
+            return int(dim)
+        if dim not in self.sizes:
+            raise KeyError(f"size {dim} unknown: give a value for a matrix of that size")
+        return self.sizes[dim]
+
+    def symbol(self, sym: sp.MatrixSymbol, k: int | None) -> Array:
+        key = (sym.name, k if is_per_head(sym) else None)
+        if key in self.memo:
+            return self.memo[key]
+        if sym.name in self.where:
+            value = self.ev(self.where[sym.name], k)
+        else:
+            value = np.asarray(self.values[sym.name], dtype=np.float64)
+            if is_per_head(sym):
+                if k is None:
+                    raise ValueError(f"per-head symbol {sym.name} outside of a sum over heads")
+                value = value[k]
+        for dim, n in zip(sym.shape, value.shape):
+            if not sp.sympify(dim).is_Integer:
+                self.sizes.setdefault(sp.sympify(dim), n)
+        self.memo[key] = value
+        return value
+
+    def scalar(self, expr: sp.Expr, k: int | None) -> float:
+        subs = {}
+        for s in expr.free_symbols:
+            if s.name in self.values:
+                subs[s] = float(np.asarray(self.values[s.name]))
+            elif s.name in self.where:
+                subs[s] = self.scalar(self.where[s.name], k)
+            else:
+                subs[s] = self.size(s)
+        return float(expr.xreplace(subs))
+
+    def ev(self, e: sp.Basic, k: int | None):
+        if not getattr(e, "is_Matrix", False):
+            return self.scalar(e, k)
+        if isinstance(e, sp.MatrixSymbol):
+            return self.symbol(e, k)
+        if isinstance(e, sp.MatMul):
+            out = None
+            for f in e.args:
+                v = self.ev(f, k)
+                out = v if out is None else (out * v if np.ndim(v) == 0 or np.ndim(out) == 0 else out @ v)
+            return out
+        if isinstance(e, sp.MatAdd):
+            return sum(self.ev(a, k) for a in e.args)
+        if isinstance(e, sp.Transpose):
+            return self.ev(e.arg, k).T
+        if isinstance(e, sp.Inverse):
+            return np.linalg.inv(self.ev(e.arg, k))
+        if isinstance(e, sp.MatPow):
+            return np.linalg.matrix_power(self.ev(e.base, k), int(e.exp))
+        if isinstance(e, sp.Identity):
+            return np.eye(self.size(e.shape[0]))
+        if isinstance(e, sp.ZeroMatrix):
+            return np.zeros((self.size(e.shape[0]), self.size(e.shape[1])))
+        if isinstance(e, sp.OneMatrix):
+            return np.ones((self.size(e.shape[0]), self.size(e.shape[1])))
+        if isinstance(e, HeadSum):
+            if self.heads is None:
+                raise ValueError("a sum over heads needs at least one per-head value")
+            return sum(self.ev(e.arg, h) for h in range(self.heads))
+        if isinstance(e, Softmax):
+            x = self.ev(e.arg, k)
+            x = np.exp(x - x.max(axis=0, keepdims=True))
+            return x / x.sum(axis=0, keepdims=True)
+        if isinstance(e, ReLU):
+            return np.maximum(self.ev(e.arg, k), 0.0)
+        if isinstance(e, SoftThreshold):
+            x, t = self.ev(e.arg, k), self.scalar(e.threshold, k)
+            return np.sign(x) * np.maximum(np.abs(x) - t, 0.0)
+        if isinstance(e, LayerNorm):
+            x = self.ev(e.arg, k)
+            mean = x.mean(axis=0, keepdims=True)
+            var = x.var(axis=0, keepdims=True)
+            eps = self.scalar(e.eps, k)
+            return self.ev(e.weight, k) * (x - mean) / np.sqrt(var + eps) + self.ev(e.bias, k)
+        if isinstance(e, SmoothGrad):
+            return self.smooth_grads[e.term](self.ev(e.arg, k))
+        raise NotImplementedError(f"no numerical meaning for {type(e).__name__}")

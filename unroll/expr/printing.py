@@ -1,0 +1,103 @@
+"""Text and LaTeX renderings of update expressions (what ``unroll explain`` prints)."""
+
+from __future__ import annotations
+
+import sympy as sp
+from sympy.printing.latex import LatexPrinter
+from sympy.printing.str import StrPrinter
+
+_GREEK = {
+    "alpha": "α", "beta": "β", "gamma": "γ", "eta": "η", "kappa": "κ", "lambda": "λ",
+    "tau": "τ", "epsilon": "ε", "mu": "μ", "sigma": "σ",
+}
+
+
+class _TextPrinter(StrPrinter):
+    """Reads like the papers: juxtaposed products, ᵀ for transposes, Greek letters."""
+
+    def _print_Symbol(self, expr) -> str:
+        base, _, sub = expr.name.partition("_")
+        base = _GREEK.get(base, base)
+        return f"{base}_{sub}" if sub else base
+
+    def _print_MatrixSymbol(self, expr) -> str:
+        return self._print_Symbol(expr)
+
+    def _print_Transpose(self, expr) -> str:
+        return f"{self.parenthesize(expr.arg, 1000, strict=True)}ᵀ"
+
+    def _print_Inverse(self, expr) -> str:
+        return f"{self.parenthesize(expr.arg, 1000, strict=True)}⁻¹"
+
+    def _print_Identity(self, expr) -> str:
+        return "I"
+
+    def _print_OneMatrix(self, expr) -> str:
+        return "1ᵀ" if expr.shape[0] == 1 else "1"
+
+    def _print_ZeroMatrix(self, expr) -> str:
+        return "0"
+
+    def _print_MatMul(self, expr) -> str:
+        coeff, factors = expr.as_coeff_mmul()
+        parts = [self.parenthesize(f, 45) for f in factors.args]
+        sign = ""
+        if coeff.could_extract_minus_sign():
+            sign, coeff = "-", -coeff
+        if coeff != 1:
+            parts.insert(0, self.parenthesize(coeff, 45))
+        return sign + " ".join(parts)
+
+    def _print_Mul(self, expr) -> str:
+        return super()._print_Mul(expr).replace("*", " ")
+
+    def _print_Pow(self, expr) -> str:
+        base, exp = expr.as_base_exp()
+        if exp == sp.Rational(-1, 2):
+            return f"{self.parenthesize(base, 1000, strict=True)}^(-1/2)"
+        return f"{self.parenthesize(base, 1000, strict=True)}^{self.parenthesize(exp, 1000, strict=True)}"
+
+    def _print_MatAdd(self, expr) -> str:
+        out = ""
+        for i, term in enumerate(_reading_order(expr)):
+            text = self._print(term)
+            if text.startswith("-"):
+                out += (" - " if i else "-") + text[1:].lstrip()
+            else:
+                out += (" + " if i else "") + text
+        return out
+
+
+def _reading_order(expr: sp.MatAdd) -> list[sp.Basic]:
+    """Skip connections first (``Z + ...``), the way the papers write an update."""
+    def is_skip(term: sp.Basic) -> bool:
+        return isinstance(term, sp.MatrixSymbol) or (
+            isinstance(term, sp.MatMul) and len(term.as_coeff_mmul()[1].args) == 1
+            and isinstance(term.as_coeff_mmul()[1].args[0], sp.MatrixSymbol)
+        )
+    return sorted(expr.args, key=lambda t: not is_skip(t))
+
+
+class _LatexPrinter(LatexPrinter):
+    def _print_MatAdd(self, expr) -> str:
+        out = ""
+        for i, term in enumerate(_reading_order(expr)):
+            text = self._print(term)
+            if text.startswith("-"):
+                out += (" - " if i else "-") + text[1:].lstrip()
+            else:
+                out += (" + " if i else "") + text
+        return out
+
+    def _print_OneMatrix(self, expr) -> str:
+        return r"\mathbf{1}^{T}" if expr.shape[0] == 1 else r"\mathbf{1}"
+
+
+def to_text(expr: sp.Basic) -> str:
+    """One-line unicode rendering, e.g. ``Z - κ β Σ_k[U_k W_k (I + β W_kᵀ W_k)⁻¹]``."""
+    return _TextPrinter({"order": "none"}).doprint(expr)
+
+
+def to_latex(expr: sp.Basic) -> str:
+    """LaTeX rendering (sympy's printer with our nodes' ``_latex``)."""
+    return _LatexPrinter({"mat_symbol_style": "plain"}).doprint(expr)

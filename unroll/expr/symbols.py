@@ -1,0 +1,11 @@
+"""The shared vocabulary of sizes and the input of every step.
+
+``d`` width, ``N`` tokens (known only at run time), ``K`` heads, ``p`` head dimension,
+``m`` dictionary atoms. ``Z`` (d x N) is the input of a step, tokens as columns.
+"""
+
+import sympy as sp
+
+N, d, p, K, m = sp.symbols("N d p K m", positive=True, integer=True)
+Z = sp.MatrixSymbol("Z", d, N)
+SIZES = {"N": N, "d": d, "p": p, "K": K, "m": m}

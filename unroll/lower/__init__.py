@@ -1,0 +1,1 @@
+"""From update expressions to torch modules: a generic lowering of the sympy tree."""

@@ -1,0 +1,175 @@
+"""Turn a sympy update expression into a torch function, once, at lowering time.
+
+Every matrix value is held as a 4-D tensor ``(batch|1, heads|1, rows, cols)`` with tokens as
+columns, so that per-head symbols (``U_k`` stored as (K, rows, cols)) broadcast against
+per-sample ones and a sum over heads is a sum over dim 1. The result is a tree of closures with
+no sympy left in it, which ``torch.compile`` traces without graph breaks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import sympy as sp
+import torch
+import torch.nn.functional as F
+
+from unroll.expr.nodes import HeadSum, LayerNorm, ReLU, SmoothGrad, Softmax, SoftThreshold, is_per_head
+
+Env = dict  # symbol name -> tensor, plus "__sizes__" -> {size symbol name: int}
+Fn = Callable[[Env], torch.Tensor]
+
+
+class Lowering:
+    """Compiles expressions against a fixed set of names.
+
+    ``params``: symbol name -> how to fetch the raw parameter from the env;
+    ``smooth_grads``: user term name -> per-sample gradient on rows (B, N, d).
+    """
+
+    def __init__(self, smooth_grads: dict[str, Callable] | None = None):
+        self.smooth_grads = smooth_grads or {}
+
+    # scalars -----------------------------------------------------------------------------
+    def scalar(self, e: sp.Expr) -> Callable[[Env], torch.Tensor | float]:
+        if e.is_Number:
+            value = float(e)
+            return lambda env: value
+        if isinstance(e, sp.Symbol):
+            name = e.name
+            return lambda env: env[name] if name in env else env["__sizes__"][name]
+        if isinstance(e, sp.Add):
+            parts = [self.scalar(a) for a in e.args]
+            return lambda env: _sum(f(env) for f in parts)
+        if isinstance(e, sp.Mul):
+            parts = [self.scalar(a) for a in e.args]
+            return lambda env: _prod(f(env) for f in parts)
+        if isinstance(e, sp.Pow):
+            base, exp = self.scalar(e.base), self.scalar(e.exp)
+            return lambda env: base(env) ** exp(env)
+        raise NotImplementedError(f"cannot lower the scalar {e}")
+
+    # matrices ----------------------------------------------------------------------------
+    def matrix(self, e: sp.Basic) -> Fn:
+        if not getattr(e, "is_Matrix", False):
+            return self.scalar(e)
+        method = getattr(self, "_" + type(e).__name__, None)
+        if method is None:
+            raise NotImplementedError(f"cannot lower {type(e).__name__}: {e}")
+        return method(e)
+
+    def _MatrixSymbol(self, e):
+        name = e.name
+        return lambda env: env[name]
+
+    def _MatMul(self, e):
+        coeff, mm = e.as_coeff_mmul()
+        factors = [self.matrix(f) for f in mm.args]
+        scale = self.scalar(coeff) if coeff != 1 else None
+
+        def matmul(env):
+            out = factors[0](env)
+            for f in factors[1:]:
+                out = out @ f(env)
+            return out * scale(env) if scale is not None else out
+
+        return matmul
+
+    def _MatAdd(self, e):
+        parts = [self.matrix(a) for a in e.args]
+        return lambda env: _sum(f(env) for f in parts)
+
+    def _Transpose(self, e):
+        inner = self.matrix(e.arg)
+        return lambda env: inner(env).mT
+
+    def _Inverse(self, e):
+        inner = self.matrix(e.arg)
+        return lambda env: torch.linalg.inv(inner(env))
+
+    def _MatPow(self, e):
+        inner, power = self.matrix(e.base), int(e.exp)
+        return lambda env: torch.linalg.matrix_power(inner(env), power)
+
+    def _constant_matrix(self, e, fill: Callable):
+        rows, cols = (self.scalar(sp.sympify(s)) for s in e.shape)
+
+        def make(env):
+            ref = env["Z"]
+            return fill((1, 1, int(rows(env)), int(cols(env))), dtype=ref.dtype, device=ref.device)
+
+        return make
+
+    def _Identity(self, e):
+        n = self.scalar(sp.sympify(e.shape[0]))
+        return lambda env: torch.eye(int(n(env)), dtype=env["Z"].dtype, device=env["Z"].device)[None, None]
+
+    def _OneMatrix(self, e):
+        return self._constant_matrix(e, torch.ones)
+
+    def _ZeroMatrix(self, e):
+        return self._constant_matrix(e, torch.zeros)
+
+    def _HeadSum(self, e: HeadSum):
+        coeff, mm = e.arg.as_coeff_mmul() if isinstance(e.arg, sp.MatMul) else (sp.Integer(1), None)
+        first = mm.args[0] if mm is not None else None
+        if coeff == 1 and isinstance(first, sp.MatrixSymbol) and is_per_head(first) and len(mm.args) > 1:
+            # Σ_k P_k X_k in one contraction, without materialising the K per-head products
+            head, rest = self.matrix(first), self.matrix(sp.MatMul(*mm.args[1:]))
+            return lambda env: torch.einsum("xkdp,bkpn->bdn", head(env), rest(env)).unsqueeze(1)
+        body = self.matrix(e.arg)
+        return lambda env: body(env).sum(1, keepdim=True)
+
+    def _Softmax(self, e: Softmax):
+        inner = self.matrix(e.arg)
+        return lambda env: torch.softmax(inner(env), dim=-2)
+
+    def _ReLU(self, e: ReLU):
+        inner = self.matrix(e.arg)
+        return lambda env: torch.relu(inner(env))
+
+    def _SoftThreshold(self, e: SoftThreshold):
+        inner, t = self.matrix(e.arg), self.scalar(e.threshold)
+
+        def soft(env):
+            x = inner(env)
+            return torch.sign(x) * torch.relu(x.abs() - t(env))
+
+        return soft
+
+    def _LayerNorm(self, e: LayerNorm):
+        inner, eps = self.matrix(e.arg), float(e.eps)
+        w, b = e.weight.name, e.bias.name
+
+        def norm(env):
+            x = inner(env)
+            raw = env["__raw__"]
+            return F.layer_norm(x.mT, (x.shape[-2],), raw[w], raw[b], eps).mT
+
+        return norm
+
+    def _SmoothGrad(self, e: SmoothGrad):
+        inner, grad = self.matrix(e.arg), self.smooth_grads[e.term]
+
+        def smooth_grad(env):
+            x = inner(env)
+            b, h, rows, cols = x.shape
+            return grad(x.reshape(b * h, rows, cols).mT).mT.reshape(b, h, rows, cols)
+
+        return smooth_grad
+
+
+def _sum(items):
+    it = iter(items)
+    out = next(it)
+    for x in it:
+        out = out + x
+    return out
+
+
+def _prod(items):
+    it = iter(items)
+    out = next(it)
+    for x in it:
+        out = out * x
+    return out

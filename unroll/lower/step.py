@@ -1,0 +1,80 @@
+"""One derived (and relaxed) update step as a ``torch.nn.Module``."""
+
+from __future__ import annotations
+
+import math
+
+import sympy as sp
+import torch
+from torch import nn
+
+from unroll.derive.update import Update
+from unroll.lower.interpret import Lowering
+from unroll.objective.base import ParamSpec
+
+
+def _size(expr: sp.Expr, sizes: dict[str, int]) -> int:
+    return int(sp.sympify(expr).xreplace({sp.Symbol(k, positive=True, integer=True): v for k, v in sizes.items()}))
+
+
+def init_param(spec: ParamSpec, sizes: dict[str, int]) -> torch.Tensor:
+    rows, cols = _size(spec.rows, sizes), _size(spec.cols, sizes)
+    shape = ((sizes["K"],) if spec.per_head else ()) + ((rows,) if cols == 1 else (rows, cols))
+    kind = spec.init[0]
+    if kind == "ones":
+        return torch.ones(shape)
+    if kind == "zeros":
+        return torch.zeros(shape)
+    fan_in = _size(spec.init[1], sizes)
+    bound = 1 / math.sqrt(fan_in) if kind == "uniform" else math.sqrt(6 / fan_in)
+    return torch.empty(shape).uniform_(-bound, bound)
+
+
+class LoweredStep(nn.Module):
+    """Computes ``update.out`` from ``Z`` of shape (B, d, N), tokens as columns.
+
+    Parameters are attributes named after their symbols (``U_k`` -> ``U`` of shape (K, d, p));
+    fixed constants are non-persistent buffers, learnable ones parameters.
+    """
+
+    def __init__(self, update: Update, sizes: dict[str, int], order: list[str]):
+        super().__init__()
+        self.update_name = update.name
+        sizes = {**sizes, "m": update.expansion * sizes["d"]}
+        self.sizes = sizes
+        self.specs = {spec.attr: spec for spec in update.params}
+        for spec in update.params:
+            self.register_parameter(spec.attr, nn.Parameter(init_param(spec, sizes)))
+        for name, value in update.constants.items():
+            t = torch.tensor(float(value))
+            if name in update.learnable:
+                self.register_parameter(name, nn.Parameter(t))
+            else:
+                self.register_buffer(name, t, persistent=False)
+        self.constant_names = tuple(update.constants)
+        lowering = Lowering({t.name: t.row_grad() for t in update.smooth_terms})
+        bound = dict(update.where)
+        by_name = {s.name: s for s in bound}
+        self.program = [(name, lowering.matrix(bound[by_name[name]])) for name in order]
+        self.result = lowering.matrix(update.out)
+
+    def _env(self, Z: torch.Tensor) -> dict:
+        env: dict = {"Z": Z.unsqueeze(1), "__sizes__": {**self.sizes, "N": Z.shape[-1]}, "__raw__": {}}
+        for attr, spec in self.specs.items():
+            raw = getattr(self, attr)
+            env["__raw__"][spec.name] = raw
+            if spec.per_head:
+                env[spec.name] = raw.unsqueeze(0)
+            elif raw.dim() == 1:
+                env[spec.name] = raw[None, None, :, None]
+            else:
+                env[spec.name] = raw[None, None]
+        for name in self.constant_names:
+            env[name] = getattr(self, name)
+        return env
+
+    def forward(self, Z: torch.Tensor) -> torch.Tensor:
+        env = self._env(Z)
+        for name, fn in self.program:
+            env[name] = fn(env)
+        return self.result(env).squeeze(1)

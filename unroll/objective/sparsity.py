@@ -1,0 +1,57 @@
+r"""Non-smooth terms that make codes sparse, known through their proximal operators.
+
+.. math::  \operatorname{prox}_{t \lambda \|\cdot\|_1}(V) = \mathcal{S}_{t\lambda}(V) = \operatorname{sign}(V)\max(|V| - t\lambda, 0)
+
+.. math::  \operatorname{prox}_{\iota_{\geq 0}}(V) = \max(V, 0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy as sp
+import torch
+
+from unroll.expr.nodes import ReLU, SoftThreshold
+from unroll.objective.base import Term
+
+lam = sp.Symbol("lambda", positive=True)
+
+
+@dataclass(frozen=True, eq=False)
+class L1(Term):
+    """``lambda ||Z||_1``."""
+
+    lam: float = 0.1
+    label: str = "l1"
+    smooth: bool = False
+
+    def latex(self) -> str:
+        return r"\lambda \|Z\|_1"
+
+    def constants(self) -> dict[str, float]:
+        return {"lambda": self.lam}
+
+    def prox(self, V: sp.MatrixExpr, step: sp.Expr) -> sp.MatrixExpr:
+        return SoftThreshold(V, step * lam)
+
+    def value(self, Z: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.lam * Z.abs().flatten(1).sum(-1)
+
+
+@dataclass(frozen=True, eq=False)
+class NonNegative(Term):
+    """The indicator of the non-negative orthant: 0 where ``Z >= 0``, +inf elsewhere."""
+
+    label: str = "nonneg"
+    smooth: bool = False
+
+    def latex(self) -> str:
+        return r"\iota_{\geq 0}(Z)"
+
+    def prox(self, V: sp.MatrixExpr, step: sp.Expr) -> sp.MatrixExpr:
+        return ReLU(V)
+
+    def value(self, Z: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        inf = torch.tensor(float("inf"), dtype=Z.dtype, device=Z.device)
+        return torch.where((Z < 0).flatten(1).any(-1), inf, torch.zeros_like(inf))
