@@ -11,6 +11,7 @@ and checked against autograd in the tests.)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import sympy as sp
 import torch
@@ -24,7 +25,7 @@ alpha = sp.Symbol("alpha", positive=True)
 @dataclass(frozen=True, eq=False)
 class CodingRate(Term):
     eps: float = 0.5
-    label: str = "R"
+    label: ClassVar[str] = "R"
 
     def latex(self) -> str:
         return r"R(Z;\epsilon)"

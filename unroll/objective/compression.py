@@ -11,6 +11,7 @@ r"""Compression of the tokens against K learnable subspaces, the term attention 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import sympy as sp
 import torch
@@ -31,7 +32,7 @@ def projected(X: sp.MatrixExpr) -> sp.MatrixSymbol:
 @dataclass(frozen=True, eq=False)
 class Compression(Term):
     eps: float = 0.5
-    label: str = "R^c"
+    label: ClassVar[str] = "R^c"
 
     def latex(self) -> str:
         return r"R^{c}(Z \mid U;\epsilon)"

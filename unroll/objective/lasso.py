@@ -11,6 +11,7 @@ With a square dictionary (m = d) the code can be warm-started at ``A = Z``; an o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import sympy as sp
 import torch
@@ -25,8 +26,8 @@ DICTIONARY = ParamSpec("D", d, m, ("kaiming", m), "sparse-coding dictionary")
 class Lasso(Term):
     #: atoms of the dictionary as a multiple of the width (1: square, 4: CRATE-alpha)
     expansion: int = 1
-    label: str = "lasso"
-    codes: bool = True
+    label: ClassVar[str] = "lasso"
+    codes: ClassVar[bool] = True
 
     def latex(self) -> str:
         return r"\tfrac{1}{2}\|Z - D A\|_F^2"

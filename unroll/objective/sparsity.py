@@ -8,6 +8,7 @@ r"""Non-smooth terms that make codes sparse, known through their proximal operat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import sympy as sp
 import torch
@@ -23,8 +24,8 @@ class L1(Term):
     """``lambda ||Z||_1``."""
 
     lam: float = 0.1
-    label: str = "l1"
-    smooth: bool = False
+    label: ClassVar[str] = "l1"
+    smooth: ClassVar[bool] = False
 
     def latex(self) -> str:
         return r"\lambda \|Z\|_1"
@@ -43,8 +44,8 @@ class L1(Term):
 class NonNegative(Term):
     """The indicator of the non-negative orthant: 0 where ``Z >= 0``, +inf elsewhere."""
 
-    label: str = "nonneg"
-    smooth: bool = False
+    label: ClassVar[str] = "nonneg"
+    smooth: ClassVar[bool] = False
 
     def latex(self) -> str:
         return r"\iota_{\geq 0}(Z)"

@@ -7,7 +7,9 @@ Their order matters and is the recipe's: e.g. ``softmax`` rewrites the Gram simi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import ClassVar, Union
+
+from pydantic import ConfigDict
 
 import sympy as sp
 
@@ -20,6 +22,7 @@ from unroll.objective.base import ParamSpec
 from unroll.relax.tidy import matmul_factors, tidy
 
 tau = sp.Symbol("tau", positive=True)
+_STRICT = ConfigDict(extra="forbid")  # recipes may not pass unknown arguments
 
 
 def _fail(update: Update, relaxation: str, message: str) -> UnrollError:
@@ -34,8 +37,10 @@ def _note(update: Update, text: str) -> tuple[str, ...]:
 class Neumann:
     """``(I + A)^{-1} ≈ Σ_{j=0}^{order} (-A)^j``: drops the inverse of the Gram matrix."""
 
+    __pydantic_config__: ClassVar = _STRICT
+
     order: int = 1
-    name: str = "neumann"
+    name: ClassVar[str] = "neumann"
 
     @property
     def rule(self) -> str:
@@ -93,8 +98,10 @@ def _head_sum_of_subspaces(term: sp.Basic) -> tuple[sp.Expr, list[sp.Basic]] | N
 class CompleteSubspaces:
     """Assume the subspaces cover the space, ``Σ_k U_k U_k^T = I``."""
 
-    name: str = "complete_subspaces"
-    rule: str = "Σ_k U_k U_kᵀ = I"
+    __pydantic_config__: ClassVar = _STRICT
+
+    name: ClassVar[str] = "complete_subspaces"
+    rule: ClassVar[str] = "Σ_k U_k U_kᵀ = I"
 
     def apply(self, u: Update) -> Update:
         terms, hits = [], 0
@@ -116,8 +123,10 @@ class SoftmaxSimilarity:
     """Replace each Gram similarity ``W_k^T W_k`` of projected tokens by ``softmax(tau W_k^T W_k)``,
     normalised over each column. ``temperature`` is a number or ``"1/sqrt(p)"``."""
 
+    __pydantic_config__: ClassVar = _STRICT
+
     temperature: float | str = 1.0
-    name: str = "softmax"
+    name: ClassVar[str] = "softmax"
 
     @property
     def rule(self) -> str:
@@ -164,8 +173,10 @@ class UntieOutput:
     """Replace the output operator ``c [U_1 ... U_K]`` by learned blocks ``[O_1 ... O_K]``
     (one ``Linear(K p -> d)``), absorbing the scalar c, optionally with a bias ``b``."""
 
+    __pydantic_config__: ClassVar = _STRICT
+
     bias: bool = True
-    name: str = "untie_output"
+    name: ClassVar[str] = "untie_output"
 
     @property
     def rule(self) -> str:
@@ -197,8 +208,10 @@ class Residual:
     """``c Z + Δ → Z + Δ`` (enabled: the skip's coefficient is absorbed, or a skip is added)
     or ``→ Δ`` (disabled)."""
 
+    __pydantic_config__: ClassVar = _STRICT
+
     enabled: bool = True
-    name: str = "residual"
+    name: ClassVar[str] = "residual"
 
     @property
     def rule(self) -> str:
@@ -217,8 +230,10 @@ class PreNorm:
     """Apply the step's operator to ``Y = LN(Z)`` (LayerNorm over each token); a skip connection,
     if any, still carries ``Z``."""
 
+    __pydantic_config__: ClassVar = _STRICT
+
     eps: float = 1e-5
-    name: str = "pre_norm"
+    name: ClassVar[str] = "pre_norm"
 
     @property
     def rule(self) -> str:
@@ -243,8 +258,10 @@ class PreNorm:
 class Learnable:
     """Turn fixed constants (step sizes, thresholds, temperatures) into learned parameters."""
 
+    __pydantic_config__: ClassVar = _STRICT
+
     constants: tuple[str, ...] = ()
-    name: str = "learnable"
+    name: ClassVar[str] = "learnable"
 
     @property
     def rule(self) -> str:

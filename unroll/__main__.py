@@ -1,0 +1,5 @@
+import sys
+
+from unroll.cli import main
+
+sys.exit(main())

@@ -1,0 +1,117 @@
+"""``unroll build | explain | convert``: the command line, with errors and no tracebacks."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from unroll.errors import UnrollError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Derive white-box networks from their objectives.")
+console = Console()
+err_console = Console(stderr=True)
+
+RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe field: key.sub=value")]
+
+
+@app.command()
+def build(
+    recipe: RecipeArg,
+    out: Annotated[Optional[Path], typer.Option(help="output folder [default: build/<recipe name>]")] = None,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="wrap with torch.compile and run it once")] = False,
+    set: SetOpt = None,
+) -> None:
+    """Validate, derive, lower; print a summary; write model.safetensors and the resolved recipe."""
+    import torch
+
+    from unroll.checkpoint import atomic_write, save_weights
+    from unroll.lower.model import lower_network
+    from unroll.recipe import load_recipe, to_network
+    from unroll.summary import flops_per_sample, parameter_count, step_rows
+
+    start = time.perf_counter()
+    resolved = load_recipe(recipe, set or [])
+    model = lower_network(to_network(resolved))
+    table = Table(title=f"{resolved.name}: one layer, repeated {model.depth} times", show_lines=True)
+    for column in ("step", "derived as", "computes"):
+        table.add_column(column)
+    for row in step_rows(model):
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"parameters: {parameter_count(model):,}")
+    console.print(f"FLOPs per sample (forward): {flops_per_sample(model) / 1e9:,.2f} GFLOP")
+    if compile:
+        spec = model.network.frontend
+        compiled = torch.compile(model)
+        with torch.no_grad():
+            compiled(torch.zeros(1, spec.channels, spec.image_size, spec.image_size))
+        console.print("torch.compile: compiled and ran one forward")
+    folder = out or Path("build") / resolved.name
+    save_weights(model.state_dict(), folder / "model.safetensors")
+    text = yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False)
+    atomic_write(folder / "recipe.yaml", lambda tmp: Path(tmp).write_text(text))
+    console.print(f"wrote {folder / 'model.safetensors'} and {folder / 'recipe.yaml'} ({time.perf_counter() - start:.1f} s)")
+
+
+@app.command()
+def explain(
+    recipe: RecipeArg,
+    latex: Annotated[bool, typer.Option("--latex", help="print LaTeX instead of text")] = False,
+    set: SetOpt = None,
+) -> None:
+    """Print, for every step, the exact update, each relaxation, and the update computed."""
+    from unroll.api import as_network
+    from unroll.explain import explain as explain_network
+
+    print(explain_network(as_network(recipe, set or []), latex=latex), end="")
+
+
+@app.command()
+def convert(
+    recipe: RecipeArg,
+    checkpoint: Annotated[Path, typer.Argument(help="reference CRATE checkpoint (.pth)", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="safetensors file to write")],
+) -> None:
+    """Convert a reference CRATE checkpoint into weights that `unroll.build(recipe, checkpoint=...)` loads."""
+    from unroll.convert import convert as convert_checkpoint
+
+    path = convert_checkpoint(recipe, checkpoint, out)
+    console.print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, standalone_mode=False)
+    except UnrollError as e:
+        err_console.print(f"[bold red]error:[/] {e.render()}", highlight=False, markup=True)
+        return 2
+    except typer.Exit as e:
+        return e.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("aborted")
+        return 130
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            return e.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
