@@ -1,0 +1,32 @@
+import numpy as np
+import pytest
+import torch
+
+from unroll.expr.numeric import evaluate
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+def step_values(step) -> dict:
+    """A lowered step's parameters and constants, by symbol name, as float64 numpy arrays."""
+    values = {}
+    for attr, spec in step.specs.items():
+        v = getattr(step, attr).detach().double().numpy()
+        values[spec.name] = v[:, None] if (v.ndim == 1 and not spec.per_head) else v
+    for name in step.constant_names:
+        values[name] = float(getattr(step, name))
+    return values
+
+
+def evaluate_printed(update, step, Z: np.ndarray) -> np.ndarray:
+    """Evaluate the printed update expression of ``update`` on one sample Z (d x N), with the
+    weights of the lowered ``step``, straight from the sympy tree."""
+    smooth = {
+        t.name: (lambda x, t=t: t.row_grad()(torch.from_numpy(x.T)[None]).numpy()[0].T)
+        for t in update.smooth_terms
+    }
+    return evaluate(update.out, {**step_values(step), "Z": Z}, update.where, smooth)
