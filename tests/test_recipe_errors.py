@@ -1,0 +1,190 @@
+"""Broken recipes fail with a short error that names the file and the field and says what was
+expected; never a traceback, never a partial build.
+
+Each case starts from ``recipes/crate_tiny.yaml``, breaks one thing, and runs ``unroll build``
+in-process (``unroll.cli.main``); a couple also go through ``python -m unroll`` to prove that
+nothing but the message reaches the terminal.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import yaml
+
+from unroll.cli import main
+
+TINY = Path(__file__).resolve().parents[1] / "recipes" / "crate_tiny.yaml"
+BASE: dict = yaml.safe_load(TINY.read_text())
+MAX_LINES = 8
+
+
+# --- ways to break a recipe -------------------------------------------------------------------
+
+
+def put(dotted: str, value: Any) -> Callable[[dict], None]:
+    """Set ``a.b.0.c`` (list items by index) to ``value``."""
+    *parents, last = dotted.split(".")
+
+    def mutate(data: dict) -> None:
+        node: Any = data
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node[int(last) if isinstance(node, list) else last] = value
+
+    return mutate
+
+
+def syntax_error(text: str) -> str:
+    # `heads: [6` (line 10) opens a flow sequence that line 11, `depth: 12`, cannot continue
+    assert "  heads: 6 " in text
+    return text.replace("  heads: 6 ", "  heads: [6 ", 1)
+
+
+# (id, how to break it, extra CLI args, what the message must contain)
+#   `mutate` is a dict -> None mutation of the loaded recipe, a text -> text rewrite of the raw
+#   file (tagged "text"), or None for "no file at all".
+CASES = [
+    # -- the issue's list --------------------------------------------------------------------
+    pytest.param(("text", syntax_error), [], ["YAML syntax error", "line 11", "expected"], id="yaml-syntax-error"),
+    pytest.param(put("architecture.widht", 384), [], ["architecture.widht", "unknown field"], id="unknown-field"),
+    pytest.param(put("architecture.width", "wide"), [], ["architecture.width", "valid integer", "'wide'"], id="wrong-type"),
+    pytest.param(put("architecture.depth", -3), [], ["architecture.depth", "greater than 0", "-3"], id="negative-depth"),
+    pytest.param(put("architecture.heads", 5), [], ["heads", "must divide", "width"], id="heads-not-dividing-width"),
+    pytest.param(None, [], ["no such recipe file"], id="missing-file"),
+    pytest.param(
+        put("objective.Rc.term", "compresion"),
+        [],
+        ["Rc", "'compresion'", "expected one of", "compression"],
+        id="unknown-term-name",
+    ),
+    pytest.param(
+        put("layer.0.relax.0", {"neuman": 1}),
+        [],
+        ["layer.0.relax", "'neuman'", "expected one of", "neumann"],
+        id="unknown-relaxation-name",
+    ),
+    # -- added ---------------------------------------------------------------------------------
+    pytest.param(
+        put("layer.1.proximal", ["fit", "sparse", "nonneg", "extra"]),
+        [],
+        ["sparsify", "extra", "not in the objective", "Rc, fit, sparse, nonneg"],
+        id="step-term-not-in-objective",
+    ),
+    pytest.param(
+        put("layer.0.relax.5", {"pre_norm": {"epsilon": 1.0e-5}}),
+        [],
+        ["layer.0.relax", "pre_norm", "epsilon", "arguments: eps"],
+        id="relaxation-unknown-argument",
+    ),
+    pytest.param(
+        lambda data: None, ["--set", "architecture.depth=-3"], ["architecture.depth", "greater than 0", "-3"],
+        id="set-negative-depth",
+    ),
+    # -- found while writing these tests -------------------------------------------------------
+    pytest.param(
+        lambda data: None, ["--set", "architecture.depth=[1"], ["--set", "architecture.depth"],
+        id="set-value-not-yaml",
+    ),
+    pytest.param(
+        put("architecture.heads", "[six]"), [], ["architecture.heads", "valid integer", "'[six]'"],
+        id="value-with-brackets",
+    ),
+    pytest.param(
+        put("layer.0.relax.0", {"neumann": 0}), [], ["layer.0.relax", "neumann", "order", "at least 1"],
+        id="relaxation-argument-out-of-range",
+    ),
+]
+
+
+def write_recipe(tmp_path: Path, mutate) -> Path:
+    path = tmp_path / "broken.yaml"
+    if mutate is None:
+        return path  # never written: the missing-file case
+    if isinstance(mutate, tuple):
+        _, rewrite = mutate
+        path.write_text(rewrite(TINY.read_text()))
+    else:
+        data = copy.deepcopy(BASE)
+        mutate(data)
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+
+def flat(text: str) -> str:
+    """Rich wraps stderr at the console width (80 columns when not a terminal); undo the wrapping."""
+    return " ".join(text.split())
+
+
+def check_message(rc: int | None, stderr: str, path: Path, must_contain: list[str], out: Path) -> None:
+    lines = stderr.strip().splitlines()
+    # a traceback is long: show its first lines and its last (the exception) in the failure
+    excerpt = lines if len(lines) <= 24 else [*lines[:6], f"... {len(lines) - 18} lines ...", *lines[-12:]]
+    shown = "\n".join(["--- stderr ---", *excerpt, "--- end ---"])
+
+    def fail(why: str) -> None:
+        pytest.fail(f"{why}\n{shown}")
+
+    if "Traceback" in stderr or "╭─" in stderr:
+        fail("a traceback reached the user")
+    if rc != 2:
+        fail(f"exit code {rc}, expected 2")
+    if not lines or not lines[0].startswith("error: "):
+        fail("expected 'error: <file>: <message>'")
+    if len(lines) > MAX_LINES:
+        fail(f"{len(lines)} lines, expected at most {MAX_LINES}")
+    # the path may be folded by the wrapping; compare with all whitespace removed
+    if "".join(str(path).split()) not in "".join(stderr.split()):
+        fail(f"the message does not name the file {path}")
+    for needle in must_contain:
+        if needle not in flat(stderr):
+            fail(f"the message does not say {needle!r}")
+    if out.exists():
+        fail(f"{out} was written: {sorted(p.name for p in out.rglob('*'))}")
+
+
+def run_in_process(args: list[str]) -> tuple[int | None, str]:
+    """``unroll.cli.main(args)``; an exception escaping it is reported as the traceback it would print."""
+    try:
+        return main(args), ""
+    except BaseException:  # noqa: BLE001 - any escape is a failure, shown in the assertion
+        return None, traceback.format_exc()
+
+
+# --- tests --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mutate, extra, must_contain", CASES)
+def test_broken_recipe_fails_with_a_short_message(tmp_path, capsys, mutate, extra, must_contain):
+    path = write_recipe(tmp_path, mutate)
+    out = tmp_path / "out"
+    rc, escaped = run_in_process(["build", str(path), "--out", str(out), *extra])
+    captured = capsys.readouterr()
+    check_message(rc, captured.err + escaped, path, must_contain, out)
+    assert captured.out == "", f"nothing should reach stdout before the error, found:\n{captured.out}"
+
+
+@pytest.mark.parametrize(
+    "mutate, extra, must_contain",
+    [case for case in CASES if case.id in ("yaml-syntax-error", "set-negative-depth", "set-value-not-yaml")],
+)
+def test_no_traceback_reaches_the_terminal(tmp_path, mutate, extra, must_contain):
+    path = write_recipe(tmp_path, mutate)
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "FORCE_COLOR")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "unroll", "build", str(path), "--out", str(out), *extra],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    check_message(proc.returncode, proc.stderr, path, must_contain, out)
+    assert proc.stdout == "", f"nothing should reach stdout, found:\n{proc.stdout}"
