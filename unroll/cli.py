@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except UnrollError as e:
-        err_console.print(f"[bold red]error:[/] {e.render()}", highlight=False, markup=True)
+        print("error: " + e.render(), file=sys.stderr)  # plain: rich would wrap long paths
         return 2
     except typer.Exit as e:
         return e.exit_code

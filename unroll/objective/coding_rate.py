@@ -11,7 +11,9 @@ and checked against autograd in the tests.)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
+
+from pydantic import Field
 
 import sympy as sp
 import torch
@@ -24,7 +26,7 @@ alpha = sp.Symbol("alpha", positive=True)
 
 @dataclass(frozen=True, eq=False)
 class CodingRate(Term):
-    eps: float = 0.5
+    eps: Annotated[float, Field(gt=0)] = 0.5
     label: ClassVar[str] = "R"
 
     def latex(self) -> str:

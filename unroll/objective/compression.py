@@ -11,7 +11,9 @@ r"""Compression of the tokens against K learnable subspaces, the term attention 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
+
+from pydantic import Field
 
 import sympy as sp
 import torch
@@ -31,7 +33,7 @@ def projected(X: sp.MatrixExpr) -> sp.MatrixSymbol:
 
 @dataclass(frozen=True, eq=False)
 class Compression(Term):
-    eps: float = 0.5
+    eps: Annotated[float, Field(gt=0)] = 0.5
     label: ClassVar[str] = "R^c"
 
     def latex(self) -> str:

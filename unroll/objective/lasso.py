@@ -11,7 +11,9 @@ With a square dictionary (m = d) the code can be warm-started at ``A = Z``; an o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
+
+from pydantic import Field
 
 import sympy as sp
 import torch
@@ -25,7 +27,7 @@ DICTIONARY = ParamSpec("D", d, m, ("kaiming", m), "sparse-coding dictionary")
 @dataclass(frozen=True, eq=False)
 class Lasso(Term):
     #: atoms of the dictionary as a multiple of the width (1: square, 4: CRATE-alpha)
-    expansion: int = 1
+    expansion: Annotated[int, Field(ge=1)] = 1
     label: ClassVar[str] = "lasso"
     codes: ClassVar[bool] = True
 

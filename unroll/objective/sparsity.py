@@ -8,7 +8,9 @@ r"""Non-smooth terms that make codes sparse, known through their proximal operat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
+
+from pydantic import Field
 
 import sympy as sp
 import torch
@@ -23,7 +25,7 @@ lam = sp.Symbol("lambda", positive=True)
 class L1(Term):
     """``lambda ||Z||_1``."""
 
-    lam: float = 0.1
+    lam: Annotated[float, Field(ge=0)] = 0.1
     label: ClassVar[str] = "l1"
     smooth: ClassVar[bool] = False
 

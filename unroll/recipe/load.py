@@ -46,7 +46,10 @@ def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
         for part in parts[:-1]:
             node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
         last = parts[-1]
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise UnrollError(f"--set {key}: the value {raw!r} is not a YAML scalar or list", where=source) from None
         if isinstance(node, list):
             node[int(last)] = value
         else:

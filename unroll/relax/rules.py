@@ -7,9 +7,9 @@ Their order matters and is the recipe's: e.g. ``softmax`` rewrites the Gram simi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Union
+from typing import Annotated, ClassVar, Union
 
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 
 import sympy as sp
 
@@ -39,7 +39,7 @@ class Neumann:
 
     __pydantic_config__: ClassVar = _STRICT
 
-    order: int = 1
+    order: Annotated[int, Field(ge=1)] = 1
     name: ClassVar[str] = "neumann"
 
     @property
@@ -125,7 +125,7 @@ class SoftmaxSimilarity:
 
     __pydantic_config__: ClassVar = _STRICT
 
-    temperature: float | str = 1.0
+    temperature: Annotated[float, Field(gt=0)] | str = 1.0
     name: ClassVar[str] = "softmax"
 
     @property
@@ -232,7 +232,7 @@ class PreNorm:
 
     __pydantic_config__: ClassVar = _STRICT
 
-    eps: float = 1e-5
+    eps: Annotated[float, Field(gt=0)] = 1e-5
     name: ClassVar[str] = "pre_norm"
 
     @property
