@@ -16,7 +16,6 @@ from unroll.errors import UnrollError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Derive white-box networks from their objectives.")
 console = Console()
-err_console = Console(stderr=True)
 
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe field: key.sub=value")]
@@ -96,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as e:
         return e.exit_code
     except (typer.Abort, KeyboardInterrupt):
-        err_console.print("aborted")
+        print("aborted", file=sys.stderr)
         return 130
     except Exception as e:  # click usage errors
         import click

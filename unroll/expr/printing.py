@@ -58,14 +58,18 @@ class _TextPrinter(StrPrinter):
         return f"{self.parenthesize(base, 1000, strict=True)}^{self.parenthesize(exp, 1000, strict=True)}"
 
     def _print_MatAdd(self, expr) -> str:
-        out = ""
-        for i, term in enumerate(_reading_order(expr)):
-            text = self._print(term)
-            if text.startswith("-"):
-                out += (" - " if i else "-") + text[1:].lstrip()
-            else:
-                out += (" + " if i else "") + text
-        return out
+        return _join_terms([self._print(t) for t in _reading_order(expr)])
+
+
+def _join_terms(texts: list[str]) -> str:
+    """``a + b - c``: a leading minus of a term becomes the operator before it."""
+    out = ""
+    for i, text in enumerate(texts):
+        if text.startswith("-"):
+            out += (" - " if i else "-") + text[1:].lstrip()
+        else:
+            out += (" + " if i else "") + text
+    return out
 
 
 def _reading_order(expr: sp.MatAdd) -> list[sp.Basic]:
@@ -80,14 +84,7 @@ def _reading_order(expr: sp.MatAdd) -> list[sp.Basic]:
 
 class _LatexPrinter(LatexPrinter):
     def _print_MatAdd(self, expr) -> str:
-        out = ""
-        for i, term in enumerate(_reading_order(expr)):
-            text = self._print(term)
-            if text.startswith("-"):
-                out += (" - " if i else "-") + text[1:].lstrip()
-            else:
-                out += (" + " if i else "") + text
-        return out
+        return _join_terms([self._print(t) for t in _reading_order(expr)])
 
     def _print_OneMatrix(self, expr) -> str:
         return r"\mathbf{1}^{T}" if expr.shape[0] == 1 else r"\mathbf{1}"

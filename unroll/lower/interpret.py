@@ -21,9 +21,8 @@ Fn = Callable[[Env], torch.Tensor]
 
 
 class Lowering:
-    """Compiles expressions against a fixed set of names.
+    """Compiles expressions to closures over an env of tensors by symbol name.
 
-    ``params``: symbol name -> how to fetch the raw parameter from the env;
     ``smooth_grads``: user term name -> per-sample gradient on rows (B, N, d).
     """
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
+import sympy as sp
+
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, TypeAdapter, ValidationError, field_validator, model_validator
 
 from unroll.derive.steps import GradientStep, ProximalStep
@@ -162,14 +164,8 @@ def _objective(recipe: Recipe, names: list[str]) -> Objective:
     for key in names:
         entry = dict(recipe.objective[key])
         kind, weight = entry.pop("term"), entry.pop("weight")
-        parts.append(Weighted(_weight(weight), TERMS[kind](**entry)))
+        parts.append(Weighted(sp.nsimplify(weight), TERMS[kind](**entry)))
     return Objective(tuple(parts))
-
-
-def _weight(w: float):
-    import sympy as sp
-
-    return sp.nsimplify(w)
 
 
 def to_network(recipe: Recipe) -> Network:
