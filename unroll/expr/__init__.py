@@ -5,6 +5,7 @@ only appear under a :class:`HeadSum`.
 """
 
 from unroll.expr.nodes import (
+    HeadSoftmax,
     HeadSum,
     LayerNorm,
     ReLU,
@@ -16,6 +17,7 @@ from unroll.expr.nodes import (
 from unroll.expr.printing import to_latex, to_text
 
 __all__ = [
+    "HeadSoftmax",
     "HeadSum",
     "LayerNorm",
     "ReLU",

@@ -58,6 +58,17 @@ class Softmax(_Unary):
         return r"\operatorname{softmax}\left(%s\right)" % printer._print(self.arg)
 
 
+class HeadSoftmax(_Unary):
+    r"""``softmax_k(E_k)``: for each token, a softmax over the K heads of the per-head row
+    ``E_k`` (1 x N); the result is head k's share. It is only meaningful per head."""
+
+    def _sympystr(self, printer) -> str:
+        return f"softmax_k({printer._print(self.arg)})"
+
+    def _latex(self, printer) -> str:
+        return r"\operatorname{softmax}_{k}\left(%s\right)" % printer._print(self.arg)
+
+
 class ReLU(_Unary):
     r"""``max(X, 0)`` entrywise: the projection onto the non-negative orthant."""
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import sympy as sp
 
-from unroll.expr.nodes import HeadSum, LayerNorm, ReLU, SmoothGrad, Softmax, SoftThreshold, is_per_head
+from unroll.expr.nodes import HeadSoftmax, HeadSum, LayerNorm, ReLU, SmoothGrad, Softmax, SoftThreshold, is_per_head
 
 Array = np.ndarray
 Binding = tuple[sp.MatrixSymbol, sp.MatrixExpr]
@@ -120,6 +120,19 @@ class _Evaluator:
             if self.heads is None:
                 raise ValueError("a sum over heads needs at least one per-head value")
             return sum(self.ev(e.arg, h) for h in range(self.heads))
+        if isinstance(e, HeadSoftmax):
+            if k is None:
+                raise ValueError("a softmax over heads is per head: use it inside a sum over heads")
+            x = np.stack([self.ev(e.arg, h) for h in range(self.heads)])
+            x = np.exp(x - x.max(axis=0, keepdims=True))
+            return (x / x.sum(axis=0, keepdims=True))[k]
+        if isinstance(e, sp.HadamardProduct):
+            out = self.ev(e.args[0], k)
+            for a in e.args[1:]:
+                out = out * self.ev(a, k)
+            return out
+        if isinstance(e, sp.HadamardPower):
+            return self.ev(e.base, k) ** self.scalar(e.exp, k)
         if isinstance(e, Softmax):
             x = self.ev(e.arg, k)
             x = np.exp(x - x.max(axis=0, keepdims=True))

@@ -8,7 +8,7 @@ from sympy.printing.str import StrPrinter
 
 _GREEK = {
     "alpha": "α", "beta": "β", "gamma": "γ", "eta": "η", "kappa": "κ", "lambda": "λ",
-    "tau": "τ", "epsilon": "ε", "mu": "μ", "sigma": "σ",
+    "tau": "τ", "epsilon": "ε", "mu": "μ", "sigma": "σ", "pi": "π",
 }
 
 
@@ -47,6 +47,13 @@ class _TextPrinter(StrPrinter):
         if coeff != 1:
             parts.insert(0, self.parenthesize(coeff, 45))
         return sign + " ".join(parts)
+
+    def _print_HadamardProduct(self, expr) -> str:
+        # always bracketed: juxtaposition (the matrix product) must not bind across the ∘
+        return "(" + " ∘ ".join(self.parenthesize(a, 45, strict=True) for a in expr.args) + ")"
+
+    def _print_HadamardPower(self, expr) -> str:
+        return f"{self.parenthesize(expr.base, 1000, strict=True)}^∘{self._print(expr.exp)}"
 
     def _print_Mul(self, expr) -> str:
         return super()._print_Mul(expr).replace("*", " ")

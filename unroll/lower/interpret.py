@@ -14,7 +14,7 @@ import sympy as sp
 import torch
 import torch.nn.functional as F
 
-from unroll.expr.nodes import HeadSum, LayerNorm, ReLU, SmoothGrad, Softmax, SoftThreshold, is_per_head
+from unroll.expr.nodes import HeadSoftmax, HeadSum, LayerNorm, ReLU, SmoothGrad, Softmax, SoftThreshold, is_per_head
 
 Env = dict  # symbol name -> tensor, plus "__sizes__" -> {size symbol name: int}
 Fn = Callable[[Env], torch.Tensor]
@@ -122,6 +122,18 @@ class Lowering:
     def _Softmax(self, e: Softmax):
         inner = self.matrix(e.arg)
         return lambda env: torch.softmax(inner(env), dim=-2)
+
+    def _HeadSoftmax(self, e: HeadSoftmax):
+        inner = self.matrix(e.arg)
+        return lambda env: torch.softmax(inner(env), dim=1)
+
+    def _HadamardProduct(self, e):
+        parts = [self.matrix(a) for a in e.args]
+        return lambda env: _prod(f(env) for f in parts)
+
+    def _HadamardPower(self, e):
+        base, exp = self.matrix(e.base), self.scalar(e.exp)
+        return lambda env: base(env) ** exp(env)
 
     def _ReLU(self, e: ReLU):
         inner = self.matrix(e.arg)

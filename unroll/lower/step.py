@@ -46,11 +46,11 @@ class LoweredStep(nn.Module):
         for spec in update.params:
             self.register_parameter(spec.attr, nn.Parameter(init_param(spec, sizes)))
         for name, value in update.constants.items():
-            t = torch.tensor(float(value))
             if name in update.learnable:
-                self.register_parameter(name, nn.Parameter(t))
-            else:
-                self.register_buffer(name, t, persistent=False)
+                self.register_parameter(name, nn.Parameter(torch.tensor(float(value))))
+            else:  # float64 so that .double() keeps the exact value; as a 0-dim tensor it
+                # never promotes the float32 activations it multiplies
+                self.register_buffer(name, torch.tensor(float(value), dtype=torch.float64), persistent=False)
         self.constant_names = tuple(update.constants)
         lowering = Lowering({t.name: t.row_grad() for t in update.smooth_terms})
         bound = dict(update.where)

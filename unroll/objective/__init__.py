@@ -8,6 +8,7 @@ from unroll.objective.base import Objective, ParamSpec, Term, Weighted
 from unroll.objective.coding_rate import CodingRate
 from unroll.objective.compression import Compression
 from unroll.objective.custom import Custom
+from unroll.objective.denoising import DenoisingScore
 from unroll.objective.lasso import Lasso
 from unroll.objective.sparsity import L1, NonNegative
 
@@ -15,6 +16,7 @@ __all__ = [
     "CodingRate",
     "Compression",
     "Custom",
+    "DenoisingScore",
     "L1",
     "Lasso",
     "NonNegative",

@@ -15,12 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, T
 
 from unroll.derive.steps import GradientStep, ProximalStep
 from unroll.network import ClassifierHead, Network, PatchFrontend
-from unroll.objective import CodingRate, Compression, L1, Lasso, NonNegative, Objective, Weighted
+from unroll.objective import CodingRate, Compression, DenoisingScore, L1, Lasso, NonNegative, Objective, Weighted
 from unroll.relax.rules import RELAXATIONS
 
 TERMS: dict[str, type] = {
     "coding_rate": CodingRate,
     "compression": Compression,
+    "denoising_score": DenoisingScore,
     "l1": L1,
     "nonnegative": NonNegative,
     "lasso": Lasso,
