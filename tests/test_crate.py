@@ -78,7 +78,7 @@ def test_convert_names_missing_and_unexpected_keys(tmp_path, capsys):
     torch.save(reference, tmp_path / "bad.pth")
     assert main(["convert", str(recipe), str(tmp_path / "bad.pth"), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "missing keys: layers.1.steps.sparsify.D" in err
+    assert "missing keys: encoder.layers.1.steps.sparsify.D" in err
     assert "frontend.cls_token: expected (1, 1, 48), found (1, 1, 7)" in err
     assert not out.exists()
 

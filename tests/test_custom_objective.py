@@ -26,7 +26,7 @@ def test_user_objective_compiles_and_trains_one_step():
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
-    assert grads["layers.0.steps.rate_reduction.U"].abs().sum() > 0
+    assert grads["encoder.layers.0.steps.rate_reduction.U"].abs().sum() > 0
     optimiser.step()
     after = model.state_dict()
     assert torch.isfinite(loss)

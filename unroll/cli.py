@@ -39,7 +39,7 @@ def build(
     start = time.perf_counter()
     resolved = load_recipe(recipe, set or [])
     model = lower_network(to_network(resolved))
-    table = Table(title=f"{resolved.name}: one layer, repeated {model.depth} times", show_lines=True)
+    table = Table(title=f"{resolved.name}: one layer, repeated {model.network.depth} times", show_lines=True)
     for column in ("step", "derived as", "computes"):
         table.add_column(column)
     for row in step_rows(model):
@@ -76,14 +76,16 @@ def explain(
 @app.command()
 def convert(
     recipe: RecipeArg,
-    checkpoint: Annotated[Path, typer.Argument(help="reference CRATE checkpoint (.pth)", show_default=False)],
+    checkpoint: Annotated[Path, typer.Argument(help="reference CRATE, CRATE-alpha or CRATE-MAE checkpoint (.pth)", show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="safetensors file to write")],
 ) -> None:
-    """Convert a reference CRATE checkpoint into weights that `unroll.build(recipe, checkpoint=...)` loads."""
+    """Convert a reference checkpoint into weights that `unroll.build(recipe, checkpoint=...)` loads."""
     from unroll.convert import convert as convert_checkpoint
 
-    path = convert_checkpoint(recipe, checkpoint, out)
-    console.print(f"wrote {path}")
+    path, layout, dropped = convert_checkpoint(recipe, checkpoint, out)
+    if dropped:
+        console.print(f"dropped {len(dropped)} keys the {layout.name} reference stores but never uses: {', '.join(dropped)}")
+    console.print(f"read a {layout.name} checkpoint; wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> int:

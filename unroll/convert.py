@@ -1,13 +1,16 @@
-"""Read checkpoints of the reference CRATE implementation into ``unroll``'s layout.
+"""Read checkpoints of the reference implementations (CRATE, CRATE-alpha, CRATE-MAE) into
+``unroll``'s layout.
 
-A layout maps each reference key to a key of the built model, with the rearrangement that
-takes the reference tensor to the derivation's shape (e.g. the qkv weight (K p, d) becomes the
-subspace bases U of shape (K, d, p)).
+A layout maps each reference key to a key of the built model, with the rearrangement that takes
+the reference tensor to the derivation's shape (e.g. the qkv weight (K p, d) becomes the subspace
+bases U of shape (K, d, p)). Per-layer keys map to a step by its position in the layer, so the
+recipe may name its steps freely.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,32 +19,92 @@ from einops import rearrange
 from unroll.checkpoint import check_state, save_weights
 from unroll.errors import UnrollError
 
-# reference key (per layer ``i``) -> (step index in the layer, parameter, einops pattern or None)
-CRATE_LAYER = {
-    "0.norm.weight": (0, "norm_weight", None),
-    "0.norm.bias": (0, "norm_bias", None),
-    "0.fn.qkv.weight": (0, "U", "(k p) d -> k d p"),
-    "0.fn.to_out.0.weight": (0, "O", "d (k p) -> k d p"),
-    "0.fn.to_out.0.bias": (0, "b", None),
-    "1.norm.weight": (1, "norm_weight", None),
-    "1.norm.bias": (1, "norm_bias", None),
-    "1.fn.weight": (1, "D", None),
+# per-layer reference key suffix -> (step index in the layer, parameter, einops pattern or None)
+_MSSA = {
+    "norm.weight": "norm_weight",
+    "norm.bias": "norm_bias",
+    "fn.qkv.weight": ("U", "(k p) d -> k d p"),
+    "fn.to_out.0.weight": ("O", "d (k p) -> k d p"),
+    "fn.to_out.0.bias": "b",
 }
-CRATE_GLOBAL = {
-    "cls_token": "frontend.cls_token",
-    "pos_embedding": "frontend.pos_embedding",
-    "to_patch_embedding.1.weight": "frontend.patch_norm.weight",
-    "to_patch_embedding.1.bias": "frontend.patch_norm.bias",
-    "to_patch_embedding.2.weight": "frontend.proj.weight",
-    "to_patch_embedding.2.bias": "frontend.proj.bias",
-    "to_patch_embedding.3.weight": "frontend.embed_norm.weight",
-    "to_patch_embedding.3.bias": "frontend.embed_norm.bias",
+_NORM = {"norm.weight": "norm_weight", "norm.bias": "norm_bias"}
+
+
+def _step(index: int, table: dict) -> dict[str, tuple[int, str, str | None]]:
+    return {f"{index}.{k}": (index, *(v if isinstance(v, tuple) else (v, None))) for k, v in table.items()}
+
+
+_HEAD = {
     "mlp_head.0.weight": "head.norm.weight",
     "mlp_head.0.bias": "head.norm.bias",
     "mlp_head.1.weight": "head.fc.weight",
     "mlp_head.1.bias": "head.fc.bias",
 }
-_LAYER_KEY = re.compile(r"transformer\.layers\.(\d+)\.(.+)")
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    #: a key only this layout has, to recognise it
+    marker: str
+    globals: dict[str, str]
+    #: (regex of a layer's prefix with the layer index as group 1, model prefix, per-layer table)
+    stacks: tuple[tuple[str, str, dict], ...]
+    #: keys the reference stores but never uses in its forward; dropped, and said so
+    unused: tuple[str, ...] = field(default=())
+
+
+CRATE = Layout(
+    "CRATE",
+    "to_patch_embedding.2.weight",
+    {
+        "cls_token": "frontend.cls_token",
+        "pos_embedding": "frontend.pos_embedding",
+        "to_patch_embedding.1.weight": "frontend.patch_norm.weight",
+        "to_patch_embedding.1.bias": "frontend.patch_norm.bias",
+        "to_patch_embedding.2.weight": "frontend.proj.weight",
+        "to_patch_embedding.2.bias": "frontend.proj.bias",
+        "to_patch_embedding.3.weight": "frontend.embed_norm.weight",
+        "to_patch_embedding.3.bias": "frontend.embed_norm.bias",
+        **_HEAD,
+    },
+    ((r"transformer\.layers\.(\d+)\.", "encoder", {**_step(0, _MSSA), **_step(1, {**_NORM, "fn.weight": "D"})}),),
+)
+CRATE_ALPHA = Layout(
+    "CRATE-alpha",
+    "conv1.weight",
+    {
+        "cls_token": "frontend.cls_token",
+        "pos_embedding": "frontend.pos_embedding",
+        "conv1.weight": "frontend.proj.weight",
+        "conv1.bias": "frontend.proj.bias",
+        **_HEAD,
+    },
+    ((r"transformer\.layers\.(\d+)\.", "encoder", {**_step(0, _MSSA), **_step(1, {**_NORM, "fn.D": "D", "fn.D1": "D1"})}),),
+)
+CRATE_MAE = Layout(
+    "CRATE-MAE",
+    "decoder_pos_embed",
+    {
+        "cls_token": "frontend.cls_token",
+        "mask_token": "mask_token",
+        "decoder_pos_embed": "frontend.pos_embedding",
+        "patch_embed.proj.weight": "frontend.proj.weight",
+        "patch_embed.proj.bias": "frontend.proj.bias",
+        "norm.weight": "norm.weight",
+        "norm.bias": "norm.bias",
+        "decoder_norm.weight": "decoder_norm.weight",
+        "decoder_norm.bias": "decoder_norm.bias",
+        "decoder_pred.weight": "decoder_pred.weight",
+        "decoder_pred.bias": "decoder_pred.bias",
+    },
+    (
+        (r"blocks\.(\d+)\.layers\.0\.", "encoder", {**_step(0, _MSSA), **_step(1, {**_NORM, "fn.weight": "D"})}),
+        (r"decoder_blocks\.(\d+)\.layers\.0\.", "decoder", {**_step(0, {**_NORM, "fn.weight": "D"}), **_step(1, _MSSA)}),
+    ),
+    unused=("pos_embed", "decoder_embed.weight", "decoder_embed.bias"),
+)
+LAYOUTS = (CRATE, CRATE_ALPHA, CRATE_MAE)
 
 
 def read_reference(path: str | Path) -> dict[str, torch.Tensor]:
@@ -62,36 +125,60 @@ def read_reference(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def convert_crate(reference: dict[str, torch.Tensor], model: torch.nn.Module, where: str) -> dict[str, torch.Tensor]:
-    """Map a reference CRATE state_dict onto ``model`` (built from a CRATE recipe)."""
-    steps = list(model.layer(0).steps.keys())
+def detect_layout(reference: dict[str, torch.Tensor], where: str) -> Layout:
+    found = [layout for layout in LAYOUTS if layout.marker in reference]
+    if len(found) != 1:
+        markers = ", ".join(f"{layout.marker} ({layout.name})" for layout in LAYOUTS)
+        raise UnrollError(f"cannot tell which reference layout this is; expected exactly one of the keys {markers}", where=where)
+    return found[0]
+
+
+def convert_reference(
+    reference: dict[str, torch.Tensor], model: torch.nn.Module, where: str
+) -> tuple[dict[str, torch.Tensor], Layout, list[str]]:
+    """Map a reference state_dict onto ``model``: (state, layout, dropped unused keys)."""
+    layout = detect_layout(reference, where)
     heads = model.network.heads
-    out, unexpected = {}, []
+    stacks = [(re.compile(rx), prefix, table) for rx, prefix, table in layout.stacks]
+    out, unexpected, dropped = {}, [], []
     for key, tensor in reference.items():
-        match = _LAYER_KEY.fullmatch(key)
-        if key in CRATE_GLOBAL:
-            out[CRATE_GLOBAL[key]] = tensor
-        elif match and match.group(2) in CRATE_LAYER and len(steps) == 2:
-            step, attr, pattern = CRATE_LAYER[match.group(2)]
+        if key in layout.globals:
+            out[layout.globals[key]] = tensor
+        elif key in layout.unused:
+            dropped.append(key)
+        elif (target := _layer_target(key, stacks, model)) is not None:
+            attr_key, pattern = target
             if pattern:
                 try:
                     tensor = rearrange(tensor, pattern, k=heads)
                 except Exception as e:
                     raise UnrollError(f"{key}: cannot split {tuple(tensor.shape)} into {heads} heads ({e})", where=where) from None
-            out[f"layers.{match.group(1)}.steps.{steps[step]}.{attr}"] = tensor
+            out[attr_key] = tensor
         else:
             unexpected.append(key)
     if unexpected:
-        raise UnrollError("unexpected keys for a CRATE checkpoint: " + ", ".join(sorted(unexpected)), where=where)
+        raise UnrollError(f"unexpected keys for a {layout.name} checkpoint: " + ", ".join(sorted(unexpected)), where=where)
     check_state(model.state_dict(), out, where)
-    return out
+    return out, layout, dropped
 
 
-def convert(recipe, checkpoint: str | Path, out: str | Path) -> Path:
+def _layer_target(key: str, stacks, model: torch.nn.Module) -> tuple[str, str | None] | None:
+    """The model key (and rearrangement) of a per-layer reference key, or None."""
+    for rx, prefix, table in stacks:
+        match = rx.match(key)
+        if match and key[match.end():] in table:
+            index, attr, pattern = table[key[match.end():]]
+            steps = list(getattr(model, prefix).layers[0].steps.keys())
+            if index < len(steps):
+                return f"{prefix}.layers.{match.group(1)}.steps.{steps[index]}.{attr}", pattern
+    return None
+
+
+def convert(recipe, checkpoint: str | Path, out: str | Path) -> tuple[Path, Layout, list[str]]:
     """``unroll convert``: read a reference checkpoint, check it against RECIPE, write safetensors."""
     from unroll.api import build
 
     model = build(recipe)
-    state = convert_crate(read_reference(checkpoint), model, str(checkpoint))
+    state, layout, dropped = convert_reference(read_reference(checkpoint), model, str(checkpoint))
     save_weights(state, out)
-    return Path(out)
+    return Path(out), layout, dropped

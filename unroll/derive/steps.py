@@ -33,6 +33,8 @@ class GradientStep:
     step_size: float = 1.0
     name: str = "gradient"
     relax: tuple = ()
+    #: for a decoder step, the name of the encoder step it undoes
+    inverts: str | None = None
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,19 @@ class ProximalStep:
     relax: tuple = ()
 
 
-Step = Union[GradientStep, ProximalStep]
+@dataclass(frozen=True)
+class SynthesisStep:
+    r"""``Z⁺ = D Z``: read the input as a sparse code of ``on``'s dictionary term and return the
+    signal it codes, with a learned dictionary D (d x m) of its own. It undoes a proximal step
+    whose output is the code (see :mod:`unroll.derive.inverse`)."""
+
+    on: Objective | Term
+    name: str = "synthesis"
+    relax: tuple = ()
+    inverts: str | None = None
+
+
+Step = Union[GradientStep, ProximalStep, SynthesisStep]
 
 
 def derive(step: Step) -> Update:
@@ -56,6 +70,8 @@ def derive(step: Step) -> Update:
         return _derive_gradient(step)
     if isinstance(step, ProximalStep):
         return _derive_proximal(step)
+    if isinstance(step, SynthesisStep):
+        return _derive_synthesis(step)
     raise TypeError(f"not a step: {step!r}")
 
 
@@ -109,7 +125,7 @@ def _derive_gradient(step: GradientStep) -> Update:
     constants = _constants(step.name, [w.term for w in parts], {"kappa": step.step_size})
     return Update(
         name=step.name,
-        title=_title("gradient descent", parts),
+        title=_title("gradient ascent" if all(w.weight.is_negative for w in parts) else "gradient descent", parts),
         out=out,
         where=tuple(where),
         params=params,
@@ -193,4 +209,22 @@ def _derive_proximal(step: ProximalStep) -> Update:
         constants=constants,
         smooth_terms=_smooth_terms(parts),
         expansion=expansion,
+    )
+
+
+def _derive_synthesis(step: SynthesisStep) -> Update:
+    coding = [w.term for w in _parts(step.on) if isinstance(w.term, Lasso)]
+    if len(coding) != 1:
+        raise UnrollError("a synthesis step needs exactly one dictionary (lasso) term", field=f"step {step.name}")
+    if coding[0].expansion != 1:
+        raise UnrollError(
+            f"a synthesis step reads a code of width d, this dictionary has {coding[0].expansion}x atoms",
+            field=f"step {step.name}",
+        )
+    synthesis = ParamSpec("D", d, d, ("kaiming", d), "synthesis dictionary, untied from the encoder's")
+    return Update(
+        name=step.name,
+        title="synthesis of the signal from its sparse code",
+        out=synthesis.symbol * Z,
+        params=(synthesis,),
     )

@@ -9,32 +9,65 @@ from torch import nn
 from unroll.network import ClassifierHead, PatchFrontend
 
 
+def sincos_2d(grid: int, width: int) -> torch.Tensor:
+    r"""The fixed positional table of MAE, (grid², width), row-major over the patch grid.
+
+    For the patch in row r and column c, the first half of the entries encodes c and the second
+    half r, each as ``[sin(x ω), cos(x ω)]`` with ``ω_i = 10000^{-i/(width/4)}``, i < width/4.
+    """
+    if width % 4:
+        raise ValueError(f"a 2-D sin-cos table needs a width divisible by 4, found {width}")
+    omega = 10000.0 ** -(torch.arange(width // 4, dtype=torch.float64) / (width // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        angles = x.reshape(-1, 1).double() * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(cols), encode(rows)], dim=1).float()
+
+
 class PatchEmbedding(nn.Module):
     def __init__(self, spec: PatchFrontend, width: int):
         super().__init__()
         self.spec = spec
-        patch_dim = spec.channels * spec.patch_size**2
-        if spec.patch_norm:
-            self.patch_norm = nn.LayerNorm(patch_dim, eps=spec.norm_eps)
-        self.proj = nn.Linear(patch_dim, width)
-        if spec.patch_norm:
-            self.embed_norm = nn.LayerNorm(width, eps=spec.norm_eps)
+        p = spec.patch_size
+        patch_dim = spec.channels * p**2
+        if spec.embedding == "conv":
+            self.proj = nn.Conv2d(spec.channels, width, kernel_size=p, stride=p)
+        else:
+            if spec.patch_norm:
+                self.patch_norm = nn.LayerNorm(patch_dim, eps=spec.norm_eps)
+            self.proj = nn.Linear(patch_dim, width)
+            if spec.patch_norm:
+                self.embed_norm = nn.LayerNorm(width, eps=spec.norm_eps)
         if spec.cls_token:
             self.cls_token = nn.Parameter(torch.randn(1, 1, width))
         if spec.positions == "learned":
             self.pos_embedding = nn.Parameter(torch.randn(1, spec.tokens, width))
+        elif spec.positions == "sincos":
+            grid = spec.image_size // p
+            table = sincos_2d(grid, width)
+            if spec.cls_token:
+                table = torch.cat([torch.zeros(1, width), table])
+            self.register_buffer("pos_embedding", table[None])
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, N, d) tokens as rows."""
+    def patches(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, L, d): one embedded token per patch, row-major over the grid."""
+        if self.spec.embedding == "conv":
+            return self.proj(images).flatten(2).mT
         p = self.spec.patch_size
         x = rearrange(images, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p)
         if self.spec.patch_norm:
-            x = self.embed_norm(self.proj(self.patch_norm(x)))
-        else:
-            x = self.proj(x)
+            return self.embed_norm(self.proj(self.patch_norm(x)))
+        return self.proj(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, d) tokens as rows."""
+        x = self.patches(images)
         if self.spec.cls_token:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        if self.spec.positions == "learned":
+        if self.spec.positions != "none":
             x = x + self.pos_embedding
         return x
 

@@ -30,15 +30,39 @@ class DerivedStep:
         return self.relaxed[-1][1] if self.relaxed else self.exact
 
 
-def derive_layer(network: Network) -> list[DerivedStep]:
-    names = [s.name for s in network.layer]
+def derive_steps(steps: tuple[Step, ...], field: str = "layer") -> list[DerivedStep]:
+    """Derive each step's exact update and relax it, in order."""
+    names = [s.name for s in steps]
     if len(set(names)) != len(names):
-        raise UnrollError(f"step names must be unique within a layer, found {names}", field="layer")
+        raise UnrollError(f"step names must be unique within a layer, found {names}", field=field)
     out = []
-    for step in network.layer:
+    for step in steps:
         exact = prune(derive(step))
         out.append(DerivedStep(step, exact, tuple(apply_all(exact, step.relax))))
     return out
+
+
+def derive_layer(network: Network) -> list[DerivedStep]:
+    return derive_steps(network.layer)
+
+
+class LayerStack(nn.Module):
+    """``depth`` applications of one derived layer, with their own weights or tied ones."""
+
+    def __init__(self, derived: list[DerivedStep], sizes: dict[str, int], depth: int, tied: bool):
+        super().__init__()
+        self.derived = derived
+        self.graph = build_layer_graph([s.final for s in derived])
+        self.layers = nn.ModuleList(Layer(self.graph, sizes) for _ in range(1 if tied else depth))
+        self.depth = depth
+
+    def layer(self, i: int) -> Layer:
+        return self.layers[0 if len(self.layers) == 1 else i]
+
+    def forward(self, Z: torch.Tensor) -> torch.Tensor:
+        for i in range(self.depth):
+            Z = self.layer(i)(Z)
+        return Z
 
 
 class Layer(nn.Module):
@@ -64,28 +88,30 @@ class WhiteBoxClassifier(nn.Module):
         if network.depth < 1:
             raise UnrollError(f"depth must be at least 1, found {network.depth}", field="architecture.depth")
         self.network = network
-        self.derived = derive_layer(network)
-        self.graph = build_layer_graph([s.final for s in self.derived])
-        sizes = network.sizes()
         self.frontend = PatchEmbedding(network.frontend, network.width)
-        distinct = 1 if network.tie_layers else network.depth
-        self.layers = nn.ModuleList(Layer(self.graph, sizes) for _ in range(distinct))
-        self.depth = network.depth
+        self.encoder = LayerStack(derive_layer(network), network.sizes(), network.depth, network.tie_layers)
         self.head = Classifier(network.head, network.width)
 
+    @property
+    def derived(self) -> list[DerivedStep]:
+        return self.encoder.derived
+
     def layer(self, i: int) -> Layer:
-        return self.layers[0 if len(self.layers) == 1 else i]
+        return self.encoder.layer(i)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Tokens after the last layer, (B, N, d)."""
         Z = self.frontend(images).mT  # tokens as columns from here on, as in the derivation
-        for i in range(self.depth):
-            Z = self.layer(i)(Z)
-        return Z.mT
+        return self.encoder(Z).mT
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.encode(images))
 
 
-def lower_network(network: Network) -> WhiteBoxClassifier:
+def lower_network(network: Network) -> nn.Module:
+    """A classifier, or a masked autoencoder when the network has a decoder."""
+    if network.decoder is not None:
+        from unroll.lower.autoencoder import WhiteBoxAutoencoder
+
+        return WhiteBoxAutoencoder(network)
     return WhiteBoxClassifier(network)

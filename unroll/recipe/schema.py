@@ -13,8 +13,9 @@ import sympy as sp
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, TypeAdapter, ValidationError, field_validator, model_validator
 
-from unroll.derive.steps import GradientStep, ProximalStep
-from unroll.network import ClassifierHead, Network, PatchFrontend
+from unroll.derive.inverse import invert_layer
+from unroll.derive.steps import GradientStep, ProximalStep, SynthesisStep
+from unroll.network import ClassifierHead, MaskedAutoencoder, Network, PatchFrontend
 from unroll.objective import CodingRate, Compression, DenoisingScore, L1, Lasso, NonNegative, Objective, Weighted
 from unroll.relax.rules import RELAXATIONS
 
@@ -45,7 +46,8 @@ class Architecture(_Strict):
     pool: Literal["cls", "mean"] = "cls"
     patch_norm: bool = True
     cls_token: bool = True
-    positions: Literal["learned", "none"] = "learned"
+    positions: Literal["learned", "sincos", "none"] = "learned"
+    embedding: Literal["linear", "conv"] = "linear"
     norm_eps: PositiveFloat = 1e-5
     head_norm_eps: PositiveFloat = 1e-5
 
@@ -57,6 +59,10 @@ class Architecture(_Strict):
             )
         if self.image_size % self.patch_size:
             raise ValueError(f"patch_size ({self.patch_size}) must divide image_size ({self.image_size})")
+        if self.embedding == "conv" and self.patch_norm:
+            raise ValueError("patch_norm applies to the linear embedding; set patch_norm: false with embedding: conv")
+        if self.positions == "sincos" and self.width % 4:
+            raise ValueError(f"positions: sincos needs a width divisible by 4, found {self.width}")
         if self.pool == "cls" and not self.cls_token:
             raise ValueError("pool: cls needs cls_token: true")
         return self
@@ -89,6 +95,7 @@ class StepSpec(_Strict):
     name: str
     gradient: list[str] | None = Field(default=None, description="terms a gradient step descends")
     proximal: list[str] | None = Field(default=None, description="terms a proximal-gradient step minimises")
+    synthesis: list[str] | None = Field(default=None, description="terms whose dictionary re-synthesises the signal")
     step_size: PositiveFloat = 1.0
     iterations: PositiveInt = 1
     warm_start: Literal["input", "zero"] = "input"
@@ -112,13 +119,32 @@ class StepSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_kind(self):
-        if (self.gradient is None) == (self.proximal is None):
-            raise ValueError(f"step {self.name} needs exactly one of 'gradient' or 'proximal' (a list of term names)")
+        kinds = [k for k in ("gradient", "proximal", "synthesis") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(
+                f"step {self.name} needs exactly one of 'gradient', 'proximal' or 'synthesis' "
+                f"(a list of term names), found {', '.join(kinds) or 'none'}"
+            )
         return self
 
     @property
+    def kind(self) -> str:
+        return next(k for k in ("gradient", "proximal", "synthesis") if getattr(self, k) is not None)
+
+    @property
     def terms(self) -> list[str]:
-        return self.gradient if self.gradient is not None else self.proximal
+        return getattr(self, self.kind)
+
+
+class Decoder(_Strict):
+    """Masked autoencoding (CRATE-MAE): ``layer: invert`` runs the encoder layer backwards
+    (each step undone, in reverse order), or give the decoder's steps like ``layer``."""
+
+    layer: Literal["invert"] | list[StepSpec] = "invert"
+    depth: PositiveInt
+    mask_ratio: float = Field(0.75, ge=0, lt=1)
+    norm_pix_loss: bool = False
+    norm_eps: PositiveFloat = 1e-6
 
 
 class Recipe(_Strict):
@@ -127,6 +153,7 @@ class Recipe(_Strict):
     architecture: Architecture
     objective: dict[str, dict[str, Any]]
     layer: list[StepSpec] = Field(min_length=1)
+    decoder: Decoder | None = None
 
     @field_validator("objective", mode="before")
     @classmethod
@@ -150,7 +177,8 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _steps_name_terms(self):
-        for step in self.layer:
+        decoder_steps = self.decoder.layer if self.decoder and self.decoder.layer != "invert" else []
+        for step in [*self.layer, *decoder_steps]:
             unknown = [t for t in step.terms if t not in self.objective]
             if unknown:
                 raise ValueError(
@@ -169,24 +197,37 @@ def _objective(recipe: Recipe, names: list[str]) -> Objective:
     return Objective(tuple(parts))
 
 
-def to_network(recipe: Recipe) -> Network:
-    a = recipe.architecture
+def _steps(recipe: Recipe, specs: list[StepSpec]) -> tuple:
     steps = []
-    for s in recipe.layer:
+    for s in specs:
         relax = tuple(RELAXATIONS[name](**args) for item in s.relax for name, args in item.items())
         on = _objective(recipe, s.terms)
-        if s.gradient is not None:
+        if s.kind == "gradient":
             steps.append(GradientStep(on, s.step_size, s.name, relax))
-        else:
+        elif s.kind == "proximal":
             steps.append(ProximalStep(on, s.step_size, s.iterations, s.warm_start, s.decode, s.name, relax))
+        else:
+            steps.append(SynthesisStep(on, s.name, relax))
+    return tuple(steps)
+
+
+def to_network(recipe: Recipe) -> Network:
+    a = recipe.architecture
+    layer = _steps(recipe, recipe.layer)
+    decoder = None
+    if recipe.decoder is not None:
+        r = recipe.decoder
+        steps = invert_layer(layer) if r.layer == "invert" else _steps(recipe, r.layer)
+        decoder = MaskedAutoencoder(steps, r.depth, r.mask_ratio, r.norm_pix_loss, r.norm_eps)
     return Network(
-        layer=tuple(steps),
+        layer=layer,
         width=a.width,
         heads=a.heads,
         depth=a.depth,
         head_dim=a.head_dim,
         tie_layers=a.tie_layers,
-        frontend=PatchFrontend(a.image_size, a.patch_size, a.channels, a.patch_norm, a.norm_eps, a.cls_token, a.positions),
+        frontend=PatchFrontend(a.image_size, a.patch_size, a.channels, a.patch_norm, a.norm_eps, a.cls_token, a.positions, a.embedding),
         head=ClassifierHead(a.classes, a.pool, a.head_norm_eps),
         name=recipe.name,
+        decoder=decoder,
     )

@@ -171,7 +171,8 @@ class SoftmaxSimilarity:
 @dataclass(frozen=True)
 class UntieOutput:
     """Replace the output operator ``c [U_1 ... U_K]`` by learned blocks ``[O_1 ... O_K]``
-    (one ``Linear(K p -> d)``), absorbing the scalar c, optionally with a bias ``b``."""
+    (one ``Linear(K p -> d)``), optionally with a bias ``b``. O absorbs the size of c but not its
+    sign, so that descent adds the learned output and ascent (a decoder) subtracts it."""
 
     __pydantic_config__: ClassVar = _STRICT
 
@@ -180,24 +181,27 @@ class UntieOutput:
 
     @property
     def rule(self) -> str:
-        return "c Σ_k U_k X_k → Σ_k O_k X_k" + (" + b 1ᵀ" if self.bias else "")
+        return "c Σ_k U_k X_k → sign(c) (Σ_k O_k X_k" + (" + b 1ᵀ)" if self.bias else ")")
 
     def apply(self, u: Update) -> Update:
         O = ParamSpec("O_k", d, p, ("uniform", K * p), "output operator, untied from U")
-        terms, hits = [], 0
+        terms, signs = [], []
         for t in _terms(u.out):
             match = _head_sum_of_subspaces(t)
-            if match:  # the scalar in front is absorbed by O
-                terms.append(HeadSum(sp.MatMul(O.symbol, *match[1])))
-                hits += 1
+            if match:  # the size of the scalar in front is absorbed by O, its sign is kept
+                sign = sp.sign(match[0])
+                if sign not in (1, -1):
+                    raise _fail(u, self.name, f"cannot tell the sign of the coefficient {to_text(match[0])}")
+                terms.append(sign * HeadSum(sp.MatMul(O.symbol, *match[1])))
+                signs.append(sign)
             else:
                 terms.append(t)
-        if hits != 1:
-            raise _fail(u, self.name, f"expected one output operator Σ_k U_k (...), found {hits}")
+        if len(signs) != 1:
+            raise _fail(u, self.name, f"expected one output operator Σ_k U_k (...), found {len(signs)}")
         params = (O,)
         if self.bias:
             b = ParamSpec("b", d, 1, ("uniform", K * p), "output bias")
-            terms.append(b.symbol * sp.OneMatrix(1, N))
+            terms.append(signs[0] * b.symbol * sp.OneMatrix(1, N))
             params += (b,)
         out = sp.MatAdd(*terms)
         return u.evolve(out=out, params=merge_params(u.params, params), notes=_note(u, self.name))
