@@ -8,11 +8,12 @@ import torch
 from conftest import evaluate_printed
 
 from unroll.derive import GradientStep, ProximalStep
+from unroll.derive.inverse import invert_layer
 from unroll.explain import explain
 from unroll.expr.printing import to_text
 from unroll.lower.model import lower_network
 from unroll.network import ClassifierHead, Network, PatchFrontend
-from unroll.objective import L1, Compression, Lasso, NonNegative
+from unroll.objective import L1, Compression, DenoisingScore, Lasso, NonNegative
 from unroll.relax import CompleteSubspaces, Neumann, PreNorm, Residual, SoftmaxSimilarity, UntieOutput
 
 Rc = Compression(eps=0.5)
@@ -35,6 +36,16 @@ VARIANTS = {
     "f_two_ista_from_zero_overcomplete": [
         ProximalStep(Lasso(expansion=4) + L1(lam=0.1) + NonNegative(), 0.1, 2, "zero", "decoupled", "sparsify")
     ],
+    "g_crate_alpha_layer": [
+        GradientStep(Rc, 1.0, "compress", CRATE_COMPRESS[:3] + (UntieOutput(bias=False), Residual(True), PreNorm(1e-6))),
+        ProximalStep(Lasso(expansion=4) + L1(lam=0.1) + NonNegative(), 0.1, 2, "zero", "decoupled", "sparsify",
+                     (Residual(True), PreNorm(1e-6))),
+    ],
+    "h_crate_decoder_layer": list(invert_layer((
+        GradientStep(Rc, 1.0, "compress", CRATE_COMPRESS),
+        ProximalStep(SPARSE, 0.1, name="sparsify", relax=(PreNorm(1e-5),)),
+    ))),
+    "i_tweedie_denoiser": [GradientStep(DenoisingScore(noise=0.6), 0.36, "denoise")],
 }
 
 
@@ -84,3 +95,11 @@ def test_softmax_normalises_each_column_of_the_gram_matrix():
     W = sp.MatrixSymbol("W", 4, 7)
     S = evaluate(Softmax(W.T * W), {"W": np.random.randn(4, 7)})
     assert np.allclose(S.sum(axis=0), 1) and not np.allclose(S.sum(axis=1), 1)
+
+
+def test_decoder_ascends_where_the_encoder_descends():
+    """The decoder's attention step subtracts the learned output the encoder's adds."""
+    text = explain(small(VARIANTS["h_crate_decoder_layer"]))
+    assert "gradient ascent on R^c" in text
+    assert "Z⁺ = Z - Σ_k[O_k W_k softmax(τ W_kᵀ W_k)] - b 1ᵀ" in text
+    assert "Z⁺ = D Y" in text

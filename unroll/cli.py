@@ -84,8 +84,8 @@ def convert(
 
     path, layout, dropped = convert_checkpoint(recipe, checkpoint, out)
     if dropped:
-        console.print(f"dropped {len(dropped)} keys the {layout.name} reference stores but never uses: {', '.join(dropped)}")
-    console.print(f"read a {layout.name} checkpoint; wrote {path}")
+        print(f"dropped {len(dropped)} keys the {layout.name} reference stores but never uses: {', '.join(dropped)}")
+    print(f"read a {layout.name} checkpoint; wrote {path}")  # plain: rich would wrap the path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ import sympy as sp
 
 from unroll.derive.update import Update
 from unroll.expr.printing import to_latex, to_text
-from unroll.lower.model import DerivedStep, derive_layer
+from unroll.lower.model import DerivedStep, derive_layer, derive_steps
 from unroll.network import Network
 
 
@@ -44,6 +44,19 @@ def explain_step(index: int, d: DerivedStep, latex: bool = False) -> list[str]:
     return lines
 
 
+def explain_inverse(index: int, d: DerivedStep, encoder: list[DerivedStep], latex: bool = False) -> list[str]:
+    """A decoder step, headed by the encoder step it undoes (its computed update)."""
+    lines = explain_step(index, d, latex)
+    inverted = getattr(d.step, "inverts", None)
+    match = next(((i, e) for i, e in enumerate(encoder, 1) if e.exact.name == inverted), None)
+    if match is None:
+        return lines
+    i, e = match
+    side = [f"  undoes encoder step {i} · {e.exact.name}, which computes:"]
+    side += ["    " + line for line in update_lines(e.final, latex)]
+    return lines[:1] + side + lines[1:]
+
+
 def explain(network: Network, latex: bool = False) -> str:
     steps = derive_layer(network)
     objective = sum((s.step.on for s in steps), start=0)
@@ -56,6 +69,15 @@ def explain(network: Network, latex: bool = False) -> str:
     body = []
     for i, d in enumerate(steps, 1):
         body += explain_step(i, d, latex) + [""]
+    if network.decoder is not None:
+        task = network.decoder
+        body += [
+            f"decoder: {task.depth} layers; masked autoencoding, mask ratio {task.mask_ratio:g}, loss on the removed patches"
+            + (" (normalised pixels)" if task.norm_pix_loss else ""),
+            "",
+        ]
+        for i, d in enumerate(derive_steps(task.layer, "decoder.layer"), 1):
+            body += explain_inverse(i, d, steps, latex) + [""]
     return "\n".join(head + body).rstrip() + "\n"
 
 

@@ -24,4 +24,7 @@ def flops_per_sample(model: torch.nn.Module) -> int:
 
 def step_rows(model) -> list[tuple[str, str, str]]:
     """(step, how it was derived, the update it computes) for each step of a layer."""
-    return [(d.exact.name, d.exact.title, "Z⁺ = " + to_text(d.final.out)) for d in model.derived]
+    rows = [(d.exact.name, d.exact.title, "Z⁺ = " + to_text(d.final.out)) for d in model.derived]
+    for d in getattr(model, "decoder_derived", []):
+        rows.append((f"decoder: {d.exact.name}", d.exact.title, "Z⁺ = " + to_text(d.final.out)))
+    return rows
