@@ -119,3 +119,16 @@ def test_convert_rejects_a_mae_checkpoint_with_a_stray_key(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "encoder.layers.1.steps.sparsify.D: expected (48, 48), found (48, 7)" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["crate_alpha_b16", "crate_mae_base"])
+def test_torch_compile_fullgraph_agrees_with_eager(name):
+    extra = ["decoder.depth=1"] if "mae" in name else ["architecture.classes=10"]
+    model = unroll.build(load_recipe(ROOT / f"recipes/{name}.yaml", SMALL + extra)).eval()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    images = torch.randn(2, 3, 32, 32)
+    args = (images,) if "alpha" in name else (images, 0.75, torch.rand(2, 16))
+    with torch.no_grad():
+        got, expected = compiled(*args), model(*args)
+    for a, b in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,)):
+        assert torch.allclose(a, b, atol=1e-5)
