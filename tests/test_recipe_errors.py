@@ -104,6 +104,23 @@ CASES = [
         ["layer.0.relax", "neumann", "order", ("at least 1", "greater than or equal to 1"), "found 0"],
         id="relaxation-argument-out-of-range",
     ),
+    # -- decoders (issue 3) --------------------------------------------------------------------
+    pytest.param(
+        put("decoder", {"depth": 2, "layer": "reverse"}), [],
+        ["decoder.layer", "'invert'", "list of steps", "'reverse'"], id="decoder-layer-not-invert-or-steps",
+    ),
+    pytest.param(
+        put("decoder", {"depth": 2, "mask_ratio": 1.5}), [], ["decoder.mask_ratio", "less than 1", "1.5"],
+        id="mask-ratio-out-of-range",
+    ),
+    pytest.param(
+        lambda data: (put("decoder", {"depth": 2})(data), put("layer.1.decode", "decoupled")(data)), [],
+        ["step sparsify", "decode: decoupled", "undone"], id="inverting-a-step-that-decodes",
+    ),
+    pytest.param(
+        put("decoder", {"depth": 2, "layer": [{"name": "s", "synthesis": ["sparse"]}]}), [],
+        ["step s", "synthesis", "dictionary (lasso)"], id="synthesis-without-a-dictionary",
+    ),
 ]
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from unroll.checkpoint import load_weights
+from unroll.errors import located
 from unroll.lower.model import WhiteBoxClassifier, lower_network
 from unroll.network import Network
 from unroll.recipe import Recipe, load_recipe, to_network
@@ -15,9 +16,11 @@ from unroll.recipe import Recipe, load_recipe, to_network
 def as_network(recipe: str | Path | Recipe | Network, overrides: list[str] | None = None) -> Network:
     if isinstance(recipe, Network):
         return recipe
-    if isinstance(recipe, (str, Path)):
+    where = str(recipe) if isinstance(recipe, (str, Path)) else None
+    if where is not None:
         recipe = load_recipe(recipe, overrides)
-    return to_network(recipe)
+    with located(where):
+        return to_network(recipe)
 
 
 def build(
@@ -32,7 +35,8 @@ def build(
     ``torch.compile``; the returned module then forwards to the compiled one, and keeps
     ``.network`` and the derived steps reachable through ``._orig_mod``.
     """
-    model: WhiteBoxClassifier = lower_network(as_network(recipe))
+    with located(str(recipe) if isinstance(recipe, (str, Path)) else None):
+        model = lower_network(as_network(recipe))
     if checkpoint is not None:
         load_weights(model, checkpoint)
     return torch.compile(model) if compile else model

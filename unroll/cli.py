@@ -12,7 +12,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from unroll.errors import UnrollError
+from unroll.errors import UnrollError, located
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Derive white-box networks from their objectives.")
 console = Console()
@@ -38,7 +38,8 @@ def build(
 
     start = time.perf_counter()
     resolved = load_recipe(recipe, set or [])
-    model = lower_network(to_network(resolved))
+    with located(str(recipe)):
+        model = lower_network(to_network(resolved))
     table = Table(title=f"{resolved.name}: one layer, repeated {model.network.depth} times", show_lines=True)
     for column in ("step", "derived as", "computes"):
         table.add_column(column)
@@ -70,7 +71,10 @@ def explain(
     from unroll.api import as_network
     from unroll.explain import explain as explain_network
 
-    print(explain_network(as_network(recipe, set or []), latex=latex), end="")
+    network = as_network(recipe, set or [])
+    with located(str(recipe)):
+        text = explain_network(network, latex=latex)
+    print(text, end="")
 
 
 @app.command()

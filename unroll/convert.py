@@ -178,7 +178,7 @@ def convert(recipe, checkpoint: str | Path, out: str | Path) -> tuple[Path, Layo
     """``unroll convert``: read a reference checkpoint, check it against RECIPE, write safetensors."""
     from unroll.api import build
 
-    model = build(recipe)
+    model = build(recipe)  # names the recipe in its errors
     state, layout, dropped = convert_reference(read_reference(checkpoint), model, str(checkpoint))
     save_weights(state, out)
     return Path(out), layout, dropped

@@ -34,13 +34,13 @@ def invert(step: Step) -> Step:
     if isinstance(step, ProximalStep):
         if step.decode != "none":
             raise UnrollError(
-                f"step {step.name} already decodes its code back to the signal (decode: {step.decode}); "
+                f"the step already decodes its code back to the signal (decode: {step.decode}); "
                 "only a step that outputs the code itself can be undone by synthesis",
                 field=f"step {step.name}",
             )
         if not any(isinstance(w.term, Lasso) for w in _parts(step.on)):
             raise UnrollError(
-                f"step {step.name} has no dictionary (lasso) term, so there is no code to synthesise from",
+                "the step has no dictionary (lasso) term, so there is no code to synthesise from",
                 field=f"step {step.name}",
             )
         return SynthesisStep(step.on, inverse_name(step.name), step.relax, inverts=step.name)

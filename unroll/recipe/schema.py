@@ -142,6 +142,13 @@ class Decoder(_Strict):
 
     layer: Literal["invert"] | list[StepSpec] = "invert"
     depth: PositiveInt
+
+    @field_validator("layer", mode="before")
+    @classmethod
+    def _invert_or_steps(cls, value):
+        if not isinstance(value, list) and value != "invert":
+            raise ValueError(f"expected 'invert' (undo the encoder layer) or a list of steps, found {value!r}")
+        return value
     mask_ratio: float = Field(0.75, ge=0, lt=1)
     norm_pix_loss: bool = False
     norm_eps: PositiveFloat = 1e-6
