@@ -37,4 +37,6 @@ def test_cli_blocks_run(doc, tmp_path):
         result = subprocess.run([sys.executable, "-m", "unroll", *args], cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         if args[0] == "explain":
+            assert "Z⁺ = " in result.stdout and "computed:" in result.stdout
+        if args[:2] == ["explain", "recipes/crate_base.yaml"]:
             assert "ReLU(Y - η λ 1 - η Dᵀ (-Y + D Y))" in result.stdout

@@ -4,19 +4,25 @@
     model = unroll.build("recipes/crate_base.yaml")
 """
 
-from unroll.api import build
-from unroll.derive import GradientStep, ProximalStep
+from unroll.api import as_network, build
+from unroll.derive import GradientStep, ProximalStep, SynthesisStep, invert_layer
 from unroll.errors import UnrollError
-from unroll.network import ClassifierHead, Network, PatchFrontend
+from unroll.explain import explain
+from unroll.network import ClassifierHead, MaskedAutoencoder, Network, PatchFrontend
 from unroll.recipe import load_recipe
 
 __all__ = [
     "ClassifierHead",
     "GradientStep",
+    "MaskedAutoencoder",
     "Network",
     "PatchFrontend",
     "ProximalStep",
+    "SynthesisStep",
     "UnrollError",
+    "as_network",
     "build",
+    "explain",
+    "invert_layer",
     "load_recipe",
 ]

@@ -1,6 +1,7 @@
 """From an objective and a way to optimise it to exact update expressions."""
 
-from unroll.derive.steps import GradientStep, ProximalStep, Step, derive
+from unroll.derive.inverse import invert, invert_layer
+from unroll.derive.steps import GradientStep, ProximalStep, Step, SynthesisStep, derive
 from unroll.derive.update import Update
 
-__all__ = ["GradientStep", "ProximalStep", "Step", "Update", "derive"]
+__all__ = ["GradientStep", "ProximalStep", "Step", "SynthesisStep", "Update", "derive", "invert", "invert_layer"]
