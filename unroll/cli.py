@@ -26,6 +26,7 @@ def build(
     recipe: RecipeArg,
     out: Annotated[Optional[Path], typer.Option(help="output folder [default: build/<recipe name>]")] = None,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="wrap with torch.compile and run it once")] = False,
+    optimize: Annotated[bool, typer.Option("--optimize/--no-optimize", help="the compiler's optimisations; --no-optimize computes each update as printed")] = True,
     set: SetOpt = None,
 ) -> None:
     """Validate, derive, lower; print a summary; write model.safetensors and the resolved recipe."""
@@ -39,7 +40,7 @@ def build(
     start = time.perf_counter()
     resolved = load_recipe(recipe, set or [])
     with located(str(recipe)):
-        model = lower_network(to_network(resolved))
+        model = lower_network(to_network(resolved), optimize)
     table = Table(title=f"{resolved.name}: one layer, repeated {model.network.depth} times", show_lines=True)
     for column in ("step", "derived as", "computes"):
         table.add_column(column)

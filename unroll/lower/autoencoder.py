@@ -22,7 +22,7 @@ from unroll.network import Network
 
 
 class WhiteBoxAutoencoder(nn.Module):
-    def __init__(self, network: Network):
+    def __init__(self, network: Network, optimize: bool = True):
         super().__init__()
         task = network.decoder
         if task is None:
@@ -36,9 +36,9 @@ class WhiteBoxAutoencoder(nn.Module):
         d, sizes, spec = network.width, network.sizes(), network.frontend
         self.frontend = PatchEmbedding(spec, d)
         self.mask_token = nn.Parameter(0.02 * torch.randn(1, 1, d))
-        self.encoder = LayerStack(derive_layer(network), sizes, network.depth, network.tie_layers)
+        self.encoder = LayerStack(derive_layer(network), sizes, network.depth, network.tie_layers, optimize)
         self.norm = nn.LayerNorm(d, eps=task.norm_eps)
-        self.decoder = LayerStack(derive_steps(task.layer, "decoder.layer"), sizes, task.depth, network.tie_layers)
+        self.decoder = LayerStack(derive_steps(task.layer, "decoder.layer"), sizes, task.depth, network.tie_layers, optimize)
         self.decoder_norm = nn.LayerNorm(d, eps=task.norm_eps)
         self.decoder_pred = nn.Linear(d, spec.channels * spec.patch_size**2)
 

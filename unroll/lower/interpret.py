@@ -69,7 +69,7 @@ class Lowering:
         def matmul(env):
             out = factors[0](env)
             for f in factors[1:]:
-                out = out @ f(env)
+                out = matmul4(out, f(env))
             return out * scale(env) if scale is not None else out
 
         return matmul
@@ -168,6 +168,23 @@ class Lowering:
             return grad(x.reshape(b * h, rows, cols).mT).mT.reshape(b, h, rows, cols)
 
         return smooth_grad
+
+
+def matmul4(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for 4-D values (batch|1, heads|1, rows, cols) without copying a weight once per
+    sample (which broadcasting ``@`` does): a weight meets the tokens as one folded product."""
+    (a0, a1), (b0, b1) = a.shape[:2], b.shape[:2]
+    if a0 == 1 and b0 > 1:
+        if a1 == 1:
+            return torch.einsum("rc,bhcn->bhrn", a[0, 0], b)
+        if b1 == 1:
+            return torch.einsum("krc,bcn->bkrn", a[0], b[:, 0])
+    if b0 == 1 and a0 > 1:
+        if b1 == 1:
+            return torch.einsum("bhrc,cn->bhrn", a, b[0, 0])
+        if a1 == 1:
+            return torch.einsum("brc,kcn->bkrn", a[:, 0], b[0])
+    return a @ b
 
 
 def _sum(items):

@@ -49,11 +49,11 @@ def derive_layer(network: Network) -> list[DerivedStep]:
 class LayerStack(nn.Module):
     """``depth`` applications of one derived layer, with their own weights or tied ones."""
 
-    def __init__(self, derived: list[DerivedStep], sizes: dict[str, int], depth: int, tied: bool):
+    def __init__(self, derived: list[DerivedStep], sizes: dict[str, int], depth: int, tied: bool, optimize: bool = True):
         super().__init__()
         self.derived = derived
         self.graph = build_layer_graph([s.final for s in derived])
-        self.layers = nn.ModuleList(Layer(self.graph, sizes) for _ in range(1 if tied else depth))
+        self.layers = nn.ModuleList(Layer(self.graph, sizes, optimize) for _ in range(1 if tied else depth))
         self.depth = depth
 
     def layer(self, i: int) -> Layer:
@@ -68,10 +68,10 @@ class LayerStack(nn.Module):
 class Layer(nn.Module):
     """One unrolled iteration: the steps of the layer in order."""
 
-    def __init__(self, graph: LayerGraph, sizes: dict[str, int]):
+    def __init__(self, graph: LayerGraph, sizes: dict[str, int], optimize: bool = True):
         super().__init__()
         self.steps = nn.ModuleDict(
-            {u.name: LoweredStep(u, sizes, graph.order(u.name)) for u in graph.updates}
+            {u.name: LoweredStep(u, sizes, graph.order(u.name), optimize) for u in graph.updates}
         )
 
     def forward(self, Z: torch.Tensor) -> torch.Tensor:
@@ -81,15 +81,18 @@ class Layer(nn.Module):
 
 
 class WhiteBoxClassifier(nn.Module):
-    """images (B, C, H, W) -> logits (B, classes); every layer is a derived optimisation step."""
+    """images (B, C, H, W) -> logits (B, classes); every layer is a derived optimisation step.
 
-    def __init__(self, network: Network):
+    ``optimize``: lower with the compiler's optimisations (:mod:`unroll.lower.optimize`); False
+    computes every update exactly as ``unroll explain`` prints it (for debugging and baselines)."""
+
+    def __init__(self, network: Network, optimize: bool = True):
         super().__init__()
         if network.depth < 1:
             raise UnrollError(f"depth must be at least 1, found {network.depth}", field="architecture.depth")
         self.network = network
         self.frontend = PatchEmbedding(network.frontend, network.width)
-        self.encoder = LayerStack(derive_layer(network), network.sizes(), network.depth, network.tie_layers)
+        self.encoder = LayerStack(derive_layer(network), network.sizes(), network.depth, network.tie_layers, optimize)
         self.head = Classifier(network.head, network.width)
 
     @property
@@ -108,10 +111,10 @@ class WhiteBoxClassifier(nn.Module):
         return self.head(self.encode(images))
 
 
-def lower_network(network: Network) -> nn.Module:
+def lower_network(network: Network, optimize: bool = True) -> nn.Module:
     """A classifier, or a masked autoencoder when the network has a decoder."""
     if network.decoder is not None:
         from unroll.lower.autoencoder import WhiteBoxAutoencoder
 
-        return WhiteBoxAutoencoder(network)
-    return WhiteBoxClassifier(network)
+        return WhiteBoxAutoencoder(network, optimize)
+    return WhiteBoxClassifier(network, optimize)

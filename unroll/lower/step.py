@@ -10,6 +10,7 @@ from torch import nn
 
 from unroll.derive.update import Update
 from unroll.lower.interpret import Lowering
+from unroll.lower.optimize import OptimizedLowering, optimize_expr, weights_of
 from unroll.objective.base import ParamSpec
 
 
@@ -37,7 +38,7 @@ class LoweredStep(nn.Module):
     fixed constants are non-persistent buffers, learnable ones parameters.
     """
 
-    def __init__(self, update: Update, sizes: dict[str, int], order: list[str]):
+    def __init__(self, update: Update, sizes: dict[str, int], order: list[str], optimize: bool = False):
         super().__init__()
         self.update_name = update.name
         sizes = {**sizes, "m": update.expansion * sizes["d"]}
@@ -52,11 +53,20 @@ class LoweredStep(nn.Module):
                 # never promotes the float32 activations it multiplies
                 self.register_buffer(name, torch.tensor(float(value), dtype=torch.float64), persistent=False)
         self.constant_names = tuple(update.constants)
-        lowering = Lowering({t.name: t.row_grad() for t in update.smooth_terms})
-        bound = dict(update.where)
-        by_name = {s.name: s for s in bound}
-        self.program = [(name, lowering.matrix(bound[by_name[name]])) for name in order]
-        self.result = lowering.matrix(update.out)
+        grads = {t.name: t.row_grad() for t in update.smooth_terms}
+        bound = {s.name: e for s, e in update.where}
+        out = update.out
+        self.optimized = optimize
+        if optimize:
+            weights = weights_of(update)
+            out = optimize_expr(out, bound, weights)
+            bound = {name: optimize_expr(e, bound, weights) for name, e in bound.items()}
+            order = [name for name in order if name in _needed(out, bound)]
+            lowering = OptimizedLowering(grads, sizes, weights)
+        else:
+            lowering = Lowering(grads)
+        self.program = [(name, lowering.matrix(bound[name])) for name in order]
+        self.result = lowering.matrix(out)
 
     def _env(self, Z: torch.Tensor) -> dict:
         env: dict = {"Z": Z.unsqueeze(1), "__sizes__": {**self.sizes, "N": Z.shape[-1]}, "__raw__": {}}
@@ -78,3 +88,15 @@ class LoweredStep(nn.Module):
         for name, fn in self.program:
             env[name] = fn(env)
         return self.result(env).squeeze(1)
+
+
+def _needed(out: sp.Basic, bound: dict[str, sp.Basic]) -> set[str]:
+    """Binding names ``out`` uses, directly or through other bindings."""
+    needed: set[str] = set()
+    stack = [out]
+    while stack:
+        for atom in stack.pop().atoms(sp.Symbol, sp.MatrixSymbol):
+            if atom.name in bound and atom.name not in needed:
+                needed.add(atom.name)
+                stack.append(bound[atom.name])
+    return needed

@@ -1,0 +1,273 @@
+r"""The compiler's optimisations of a derived update: algebra it knows and eager code leaves alone.
+
+The printed update (what ``unroll explain`` shows and the plain lowering computes) is rewritten
+into an equal expression with two new nodes, then lowered:
+
+* :class:`Attention` — ``Σ_k P_k W_k softmax(s W_kᵀ W_k)`` with ``W_k = U_kᵀ X`` is attention
+  with query = key = value; it runs through ``scaled_dot_product_attention`` (flash and
+  memory-efficient kernels), so the N x N matrix is never materialised.
+* :class:`LinearMap` — the terms of a sum that are weight-only products applied to one token
+  matrix, ``(c_1 F_1 + c_2 F_2 G_2 + ...) X``. Each call chooses, on its actual shapes, between
+  forming the weight-only factor first (one product with the tokens) and applying the factors to
+  the tokens as written. E.g. CRATE's sparse step ``Y + η Dᵀ Y - η Dᵀ D Y`` costs ``2 T d²`` as
+  written and ``d³ + T d²`` hoisted, for T = batch x tokens; with an overcomplete D (m = 4d)
+  forming ``Dᵀ D`` costs ``m² d`` and is rarely worth it. In inference (no autograd), a formed
+  factor is cached until any weight it depends on changes (an optimiser step, ``load_state_dict``
+  and in-place edits all bump a tensor's version).
+
+Sums with ``c 1`` or ``b 1ᵀ`` add a broadcast scalar or column instead of a matrix of ones.
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+import torch
+import torch.nn.functional as F
+from sympy import Basic, MatrixExpr
+
+from unroll.expr.nodes import HeadSum, Softmax, is_per_head
+from unroll.expr.printing import to_text
+from unroll.lower.interpret import Env, Fn, Lowering, _sum, matmul4
+from unroll.relax.tidy import matmul_factors
+
+
+class Attention(MatrixExpr):
+    """``Σ_k P_k W_k softmax(s W_kᵀ W_k)``, ``W_k = U_kᵀ X``: args (P_k, U_k, X, s)."""
+
+    def __new__(cls, out: sp.MatrixSymbol, proj: sp.MatrixSymbol, tokens: MatrixExpr, scale: sp.Expr):
+        return Basic.__new__(cls, out, proj, tokens, sp.sympify(scale))
+
+    @property
+    def shape(self):
+        return (self.args[0].shape[0], self.args[2].shape[1])
+
+    def _sympystr(self, printer) -> str:
+        P, U, X, s = (printer._print(a) for a in self.args)
+        return f"attention[{P}; {U}ᵀ {X}; scale {s}]"
+
+
+class LinearMap(MatrixExpr):
+    """``M X`` for a weight-only M (a sum of products of parameters and constants)."""
+
+    def __new__(cls, weights: MatrixExpr, tokens: MatrixExpr):
+        return Basic.__new__(cls, weights, tokens)
+
+    @property
+    def shape(self):
+        return (self.args[0].shape[0], self.args[1].shape[1])
+
+    def _sympystr(self, printer) -> str:
+        return f"[{printer._print(self.args[0])}] {printer._print(self.args[1])}"
+
+
+# --------------------------------------------------------------------------- rewriting -------
+
+
+def optimize_expr(expr: Basic, where: dict[str, Basic], weights: set[str]) -> Basic:
+    """``expr`` with attention and weight-only linear maps made explicit (an equal expression).
+
+    ``where``: the update's bindings by name; ``weights``: names of parameters and constants.
+    """
+    expr = expr.replace(lambda e: isinstance(e, HeadSum), lambda h: _attention(h, where) or h)
+    if not expr.is_Matrix:
+        return expr
+    return _collect_all(sp.expand(expr), weights)
+
+
+def _collect_all(e: Basic, weights: set[str]) -> Basic:
+    """Collect linear maps in every sum, outermost first; nested sums are flattened."""
+    if isinstance(e, sp.MatAdd):
+        return _collect_linear([_collect_all(t, weights) for t in _flat_terms(e)], weights)
+    if not e.args or isinstance(e, (sp.MatrixSymbol, Attention)):
+        return e
+    return e.func(*[_collect_all(a, weights) if getattr(a, "is_Matrix", False) else a for a in e.args])
+
+
+def _flat_terms(e: Basic) -> list[Basic]:
+    if isinstance(e, sp.MatAdd):
+        return [t for a in e.args for t in _flat_terms(a)]
+    c, factors = matmul_factors(e)
+    if len(factors) == 1 and isinstance(factors[0], sp.MatAdd):  # c (A + B) -> c A + c B
+        return [c * t for t in _flat_terms(factors[0])]
+    return [e]
+
+
+def _attention(h: HeadSum, where: dict[str, Basic]) -> Basic | None:
+    c, factors = matmul_factors(h.arg)
+    if len(factors) != 3 or not isinstance(factors[2], Softmax) or c != 1:
+        return None
+    P, W, S = factors
+    s, inner = matmul_factors(S.arg)
+    if not (is_per_head(P) and is_per_head(W) and inner == [sp.Transpose(W), W]):
+        return None
+    c_w, proj = matmul_factors(where.get(W.name, W))
+    if c_w != 1 or len(proj) != 2 or not isinstance(proj[0], sp.Transpose) or not is_per_head(proj[0].arg):
+        return None
+    return Attention(P, proj[0].arg, proj[1], s)
+
+
+def _weight_only(e: Basic, weights: set[str]) -> bool:
+    names = {a.name for a in e.atoms(sp.MatrixSymbol)}
+    return e.is_Matrix and names <= weights and not any(is_per_head(a) for a in e.atoms(sp.MatrixSymbol))
+
+
+def _collect_linear(terms: list[Basic], weights: set[str]) -> Basic:
+    groups: dict[Basic, list[tuple[sp.Expr, list[Basic]]]] = {}
+    rest = []
+    for term in terms:
+        c, factors = matmul_factors(term)
+        tokens = factors[-1]
+        if not _weight_only(tokens, weights) and all(_weight_only(f, weights) for f in factors[:-1]):
+            groups.setdefault(tokens, []).append((c, factors[:-1]))
+        else:
+            rest.append(term)
+    for tokens, items in groups.items():
+        if len(items) < 2:  # one term: nothing to gain from forming its factor
+            rest += [c * sp.MatMul(*f, tokens) if f else c * tokens for c, f in items]
+            continue
+        n = tokens.shape[0]
+        M = sp.MatAdd(*[c * (sp.MatMul(*f) if f else sp.Identity(n)) for c, f in items])
+        rest.append(LinearMap(M, tokens))
+    return sp.MatAdd(*rest) if len(rest) > 1 else rest[0]
+
+
+# ---------------------------------------------------------------------------- lowering -------
+
+
+class OptimizedLowering(Lowering):
+    """Lowers the nodes above; everything else as :class:`~unroll.lower.interpret.Lowering`."""
+
+    def __init__(self, smooth_grads, sizes: dict[str, int], weights: set[str]):
+        super().__init__(smooth_grads)
+        self.sizes = sizes
+        self.weights = weights
+        #: LinearMap factor cache: node key -> (versions of the tensors it was formed from, factor)
+        self.cache: dict[int, tuple[tuple, torch.Tensor]] = {}
+
+    def _Attention(self, e: Attention) -> Fn:
+        P, U, X, scale = e.args
+        out, proj, tokens = self.matrix(P), self.matrix(U), self.matrix(X)
+        s = self.scalar(scale)
+
+        def attention(env: Env) -> torch.Tensor:
+            x = tokens(env)[:, 0].mT  # (B, N, d): tokens as rows, as attention kernels want them
+            U_k, P_k = proj(env)[0], out(env)[0]  # (K, d, p)
+            heads, _, dim_head = U_k.shape
+            # one product for all heads, and heads as a view: the kernels need only the last
+            # dimension contiguous (the flash kernel falls back to a slow path otherwise)
+            w = (x @ U_k.permute(1, 0, 2).flatten(1)).unflatten(-1, (heads, dim_head)).transpose(1, 2)
+            factor = s(env)
+            if isinstance(factor, torch.Tensor):  # a learned temperature: scale the queries
+                y = F.scaled_dot_product_attention(w * factor, w, w, scale=1.0)
+            else:
+                y = F.scaled_dot_product_attention(w, w, w, scale=float(factor))
+            rows = y.transpose(1, 2).flatten(2) @ P_k.transpose(1, 2).flatten(0, 1)  # (B, N, d)
+            return rows.mT.unsqueeze(1)
+
+        return attention
+
+    def _LinearMap(self, e: LinearMap) -> Fn:
+        M, X = e.args
+        tokens = self.matrix(X)
+        terms = [matmul_factors(t) for t in (M.args if isinstance(M, sp.MatAdd) else (M,))]
+        coeffs = [self.scalar(c) for c, _ in terms]
+        chains = [[self.matrix(f) for f in fs if not isinstance(f, sp.Identity)] for _, fs in terms]
+        shapes = [[tuple(self._int(s) for s in f.shape) for f in fs if not isinstance(f, sp.Identity)] for _, fs in terms]
+        rows, cols = (self._int(s) for s in M.shape)
+        # products as written: each factor meets the T tokens; hoisted: the weight chains, then one
+        form_cost = sum(_chain_cost(s) for s in shapes)
+        written_per_token = sum(sum(r * c for r, c in s) for s in shapes)
+        names = sorted(a.name for a in M.free_symbols if hasattr(a, "name"))
+        key = id(e)
+
+        def weights_factor(env: Env) -> torch.Tensor:
+            parts = []
+            for c, chain in zip(coeffs, chains):
+                if chain:
+                    prod = chain[0](env)
+                    for f in chain[1:]:
+                        prod = prod @ f(env)
+                else:
+                    ref = env["Z"]
+                    prod = torch.eye(rows, dtype=ref.dtype, device=ref.device)[None, None]
+                parts.append(prod * c(env))
+            return _sum(parts)
+
+        def cached(env: Env) -> torch.Tensor | None:
+            if torch.is_grad_enabled() or torch.compiler.is_compiling():
+                return None
+            versions = tuple(_version(_tensor(env, n)) for n in names) + (env["Z"].dtype, env["Z"].device)
+            hit = self.cache.get(key)
+            if hit is None or hit[0] != versions:
+                self.cache[key] = (versions, weights_factor(env))
+            return self.cache[key][1]
+
+        def linear(env: Env) -> torch.Tensor:
+            x = tokens(env)
+            count = x.shape[0] * x.shape[-1]  # T: tokens of the whole batch
+            factor = cached(env)
+            if factor is not None or form_cost + rows * cols * count < written_per_token * count:
+                return matmul4(factor if factor is not None else weights_factor(env), x)
+            out = []
+            for c, chain in zip(coeffs, chains):
+                y = x
+                for f in reversed(chain):
+                    y = matmul4(f(env), y)
+                out.append(y * c(env))
+            return _sum(out)
+
+        return linear
+
+    def _MatAdd(self, e: sp.MatAdd) -> Fn:
+        full, broadcast = [], []
+        for t in e.args:
+            column = _broadcast_column(t)
+            (broadcast if column is not None else full).append(column if column is not None else t)
+        if not full or not broadcast:
+            return super()._MatAdd(e)
+        parts = [self.matrix(t) for t in full] + [self.matrix(t) for t in broadcast]
+        return lambda env: _sum(f(env) for f in parts)
+
+    def _int(self, size: sp.Expr) -> int:
+        value = sp.sympify(size).xreplace({sp.Symbol(k, positive=True, integer=True): sp.Integer(v) for k, v in self.sizes.items()})
+        if not value.is_Integer:
+            raise ValueError(f"the weight-only factor has a size that depends on the tokens: {to_text(size)}")
+        return int(value)
+
+
+def _broadcast_column(term: Basic) -> Basic | None:
+    """``c 1`` -> ``c`` and ``v 1ᵀ`` -> ``v`` (a d x 1 column), to broadcast over the tokens."""
+    c, factors = matmul_factors(term)
+    if not factors or not isinstance(factors[-1], sp.OneMatrix):
+        return None
+    ones = factors[-1]
+    if len(factors) == 1 and ones.shape[0] != 1:
+        return c * sp.OneMatrix(1, 1)  # a scalar: every entry gets c
+    if len(factors) == 2 and ones.shape[0] == 1 and factors[0].shape[1] == 1:
+        return c * factors[0]
+    return None
+
+
+def _chain_cost(shapes: list[tuple[int, int]]) -> int:
+    """Multiply-adds to form the product of a chain of matrices, left to right."""
+    if len(shapes) < 2:
+        return 0
+    cost, (rows, inner) = 0, shapes[0]
+    for r, c in shapes[1:]:
+        cost += rows * inner * c
+        inner = c
+    return cost
+
+
+def _tensor(env: Env, name: str) -> torch.Tensor | float:
+    return env["__raw__"].get(name, env.get(name, 0.0))
+
+
+def _version(t) -> tuple:
+    return (t._version, t.data_ptr()) if isinstance(t, torch.Tensor) else (t,)
+
+
+def weights_of(update) -> set[str]:
+    """Names a weight-only factor may use: parameters and constants of the step."""
+    return {p.name for p in update.params} | set(update.constants)
+
