@@ -196,7 +196,7 @@ class OptimizedLowering(Lowering):
         def cached(env: Env) -> torch.Tensor | None:
             if torch.is_grad_enabled() or torch.compiler.is_compiling():
                 return None
-            versions = tuple(_version(_tensor(env, n)) for n in names) + (env["Z"].dtype, env["Z"].device)
+            versions = tuple(_version(_tensor(env, n)) for n in names) + _precision(env["Z"])
             hit = self.cache.get(key)
             if hit is None or hit[0] != versions:
                 self.cache[key] = (versions, weights_factor(env))
@@ -206,7 +206,7 @@ class OptimizedLowering(Lowering):
             x = tokens(env)
             count = x.shape[0] * x.shape[-1]  # T: tokens of the whole batch
             factor = cached(env)
-            if factor is not None or form_cost + rows * cols * count < written_per_token * count:
+            if factor is not None or hoisting_pays(form_cost, rows * cols, written_per_token, count):
                 return matmul4(factor if factor is not None else weights_factor(env), x)
             out = []
             for c, chain in zip(coeffs, chains):
@@ -235,6 +235,12 @@ class OptimizedLowering(Lowering):
         return int(value)
 
 
+def hoisting_pays(form_cost: int, hoisted_per_token: int, written_per_token: int, tokens) -> bool:
+    """Forming the weight-only factor (``form_cost`` multiply-adds, then ``hoisted_per_token``
+    per token) is cheaper than applying the factors as written (``written_per_token``)."""
+    return form_cost + hoisted_per_token * tokens < written_per_token * tokens
+
+
 def _broadcast_column(term: Basic) -> Basic | None:
     """``c 1`` -> ``c`` and ``v 1ᵀ`` -> ``v`` (a d x 1 column), to broadcast over the tokens."""
     c, factors = matmul_factors(term)
@@ -257,6 +263,13 @@ def _chain_cost(shapes: list[tuple[int, int]]) -> int:
         cost += rows * inner * c
         inner = c
     return cost
+
+
+def _precision(x: torch.Tensor) -> tuple:
+    """What the factor's dtype depends on: the tokens' dtype and device, and autocast."""
+    kind = x.device.type
+    autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    return (x.dtype, x.device, autocast)
 
 
 def _tensor(env: Env, name: str) -> torch.Tensor | float:

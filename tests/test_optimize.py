@@ -1,0 +1,147 @@
+"""The compiler's optimisations: the same function as the plain lowering (every update computed as
+printed), a cache that never serves stale weights, gradients through hoisted factors, a cost model
+that hoists only where it pays, and models that compile whole with a dynamic batch."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import unroll
+from unroll.lower.optimize import hoisting_pays
+from unroll.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["architecture.image_size=32", "architecture.patch_size=8", "architecture.width=48",
+         "architecture.heads=4", "architecture.depth=2"]
+FAMILIES = {
+    "crate": ("crate_tiny", ["architecture.classes=10"]),
+    "crate_alpha": ("crate_alpha_b16", ["architecture.classes=10"]),
+    "crate_mae": ("crate_mae_base", ["decoder.depth=2"]),
+}
+
+
+def pair(family: str):
+    """(plain, optimised) builds of a small model of ``family`` with the same weights."""
+    name, extra = FAMILIES[family]
+    recipe = load_recipe(ROOT / f"recipes/{name}.yaml", SMALL + extra)
+    plain = unroll.build(recipe, optimize=False)
+    fast = unroll.build(recipe)
+    fast.load_state_dict(plain.state_dict())
+    return plain, fast
+
+
+def outputs(model, images, noise):
+    out = model(images, 0.75, noise) if _is_autoencoder(model) else model(images)
+    return out[:2] if isinstance(out, tuple) else (out,)
+
+
+def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:
+    return (a - b).abs().max() <= rel * b.abs().max()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_optimised_and_plain_lowering_agree(family):
+    plain, fast = pair(family)
+    images, noise = torch.randn(4, 3, 32, 32), torch.rand(4, 16)
+    with torch.no_grad():
+        for a, b in zip(outputs(fast, images, noise), outputs(plain, images, noise)):
+            assert close(a, b)
+
+
+@pytest.mark.parametrize("family", ["crate", "crate_alpha"])
+def test_gradients_flow_through_hoisted_factors(family):
+    plain, fast = pair(family)
+    images = torch.randn(8, 3, 32, 32)
+    for model in (plain, fast):
+        model(images).square().mean().backward()
+    grads = dict(plain.named_parameters())
+    for name, p in fast.named_parameters():
+        assert close(p.grad, grads[name].grad, 1e-4), name
+
+
+def test_cached_factor_follows_every_change_of_the_weights():
+    plain, fast = pair("crate")
+    fast.eval(), plain.eval()
+    images = torch.randn(2, 3, 32, 32)
+
+    def agree() -> bool:
+        with torch.inference_mode():
+            return close(fast(images), plain(images))
+
+    assert agree() and agree()  # the second call is served from the cache
+    # an optimiser step
+    for model in (plain, fast):
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        torch.manual_seed(1)
+        model(images).sum().backward()
+        opt.step()
+    assert agree()
+    # load_state_dict
+    state = {k: v + 0.1 * torch.randn_like(v) for k, v in plain.state_dict().items()}
+    plain.load_state_dict(state)
+    fast.load_state_dict(state)
+    assert agree()
+    # an in-place edit of one dictionary
+    with torch.no_grad():
+        for model in (plain, fast):
+            model.layer(1).steps["sparsify"].D.mul_(-2.0)
+    assert agree()
+    # a learnable-free constant buffer edited in place (the step size)
+    with torch.no_grad():
+        for model in (plain, fast):
+            model.layer(0).steps["sparsify"].eta.fill_(0.3)
+    assert agree()
+
+
+def test_cost_model_hoists_a_square_dictionary_but_not_an_overcomplete_one():
+    d, tokens = 768, 8 * 197
+    # CRATE: I + η Dᵀ - η Dᵀ D, as written 2 d² per token, hoisted d³ once then d² per token
+    assert hoisting_pays(form_cost=d**3, hoisted_per_token=d * d, written_per_token=2 * d * d, tokens=tokens)
+    # ... but not for a handful of tokens
+    assert not hoisting_pays(form_cost=d**3, hoisted_per_token=d * d, written_per_token=2 * d * d, tokens=100)
+    # CRATE-alpha: I - η Dᵀ D with D d x 4d: forming costs (4d)² d, as written 2 (4d) d per token
+    m = 4 * d
+    assert not hoisting_pays(form_cost=m * d * m, hoisted_per_token=m * m, written_per_token=2 * m * d, tokens=tokens)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compiles_whole_with_a_dynamic_batch(family):
+    _, fast = pair(family)
+    fast.eval()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(fast, backend=counting_backend, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for batch in (2, 3, 5):
+            images, noise = torch.randn(batch, 3, 32, 32), torch.rand(batch, 16)
+            for a, b in zip(outputs(compiled, images, noise), outputs(fast, images, noise)):
+                assert close(a, b)
+    assert len(graphs) == 1, f"{len(graphs)} graphs for three batch sizes"
+
+
+def test_bf16_autocast_keeps_logits_and_sparsity():
+    torch.manual_seed(0)
+    model = unroll.build(load_recipe(ROOT / "recipes/crate_tiny.yaml", SMALL + ["architecture.classes=10"])).eval()
+    codes: list[torch.Tensor] = []
+    hooks = [model.layer(i).steps["sparsify"].register_forward_hook(lambda m, i, o: codes.append(o.float()))
+             for i in range(2)]
+    images = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        full = model(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(images).float()
+    for h in hooks:
+        h.remove()
+    assert (half - full).abs().max() <= 5e-2 * full.abs().max()
+    zeros = [(c == 0).float().mean().item() for c in codes]
+    assert abs(zeros[0] - zeros[2]) <= 0.01 and abs(zeros[1] - zeros[3]) <= 0.01, zeros
+    assert min(zeros) > 0.05  # the codes are sparse at all, so the comparison means something
+
+
+def _is_autoencoder(model) -> bool:
+    return hasattr(getattr(model, "_orig_mod", model), "decoder_pred")
