@@ -1,4 +1,4 @@
-"""``unroll build | explain | convert``: the command line, with errors and no tracebacks."""
+"""``unroll build | explain | convert | bench``: the command line, with errors and no tracebacks."""
 
 from __future__ import annotations
 
@@ -91,6 +91,53 @@ def convert(
     if dropped:
         print(f"dropped {len(dropped)} keys the {layout.name} reference stores but never uses: {', '.join(dropped)}")
     print(f"read a {layout.name} checkpoint; wrote {path}")  # plain: rich would wrap the path
+
+
+@app.command()
+def bench(
+    recipe: RecipeArg,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    batch: Annotated[int, typer.Option(help="images per step", min=1)] = 8,
+    repeats: Annotated[int, typer.Option(help="timed runs of each build (medians are reported)", min=1)] = 5,
+    dtype: Annotated[str, typer.Option(help="float32, or bfloat16 under autocast")] = "float32",
+    long: Annotated[bool, typer.Option("--long/--no-long", help="also a patch-8 (long-sequence) forward")] = True,
+    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="peak memory of a warm inference forward")] = True,
+    set: SetOpt = None,
+) -> None:
+    """Throughput and peak memory of the default build against the plain lowering (--no-optimize), same weights."""
+    import torch
+
+    from unroll.bench import device_peak_tflops, run as run_bench
+
+    if dtype not in ("float32", "bfloat16"):
+        raise UnrollError(f"--dtype must be float32 or bfloat16, found {dtype!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UnrollError("--device cuda: no CUDA device is available")
+    with located(str(recipe)):
+        rows = run_bench(recipe, set or [], batch, device, repeats, long,
+                         torch.bfloat16 if dtype == "bfloat16" else None, memory)
+    peak = device_peak_tflops(device, torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    threads = torch.get_num_threads()
+    table = Table(title=f"{recipe.name} on {device} ({threads} threads), {dtype}, batch {batch}: "
+                        "a = --no-optimize (as printed), b = default build; medians of "
+                        f"{repeats} alternating runs")
+    table.caption = ("train step = forward + backward + AdamW; GFLOP as torch's FlopCounterMode counts a warm forward; "
+                     "peak = memory held by tensors during a warm inference forward (torch profiler)")
+    for column in ("case", "", "a", "b", "b / a"):
+        table.add_column(column, justify="right" if column not in ("case", "") else "left")
+    for r in rows:
+        case = f"{r['case']}, {r['tokens']} tokens"
+        table.add_row(case, "forward, images/s", f"{r['a_forward_img_s']:.2f}", f"{r['b_forward_img_s']:.2f}", f"{r['forward_ratio']:.2f}x")
+        if "train_ratio" in r:
+            table.add_row("", "train step, images/s", f"{r['a_train_img_s']:.2f}", f"{r['b_train_img_s']:.2f}", f"{r['train_ratio']:.2f}x")
+        table.add_row("", "forward GFLOP", f"{r['a_gflop']:.1f}", f"{r['b_gflop']:.1f}", "")
+        achieved = [f"{r[f'{t}_gflop_s']:.0f}" + (f" ({r[f'{t}_gflop_s'] / 1e3 / peak:.1%} of peak)" if peak else "") for t in "ab"]
+        table.add_row("", "forward GFLOP/s", *achieved, "")
+        if "a_peak_mib" in r:
+            mem = [f"{r[f'{t}_peak_mib']:.0f}" if r[f"{t}_peak_mib"] is not None else "n/a" for t in "ab"]
+            ratio = f"{r['memory_ratio']:.2f}x" if "memory_ratio" in r else ""
+            table.add_row("", "forward peak, MiB", *mem, ratio)
+    console.print(table)
 
 
 def main(argv: list[str] | None = None) -> int:

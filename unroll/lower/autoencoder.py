@@ -78,11 +78,11 @@ class WhiteBoxAutoencoder(nn.Module):
         x = torch.cat([self.frontend.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         if self.network.frontend.positions != "none":
             x = x + self.frontend.pos_embedding
-        return self.norm(self.encoder(x.mT).mT), mask
+        return self.norm(self.encoder(x)), mask
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """latent (B, L + 1, d) -> predicted pixels per patch (B, L, p p C), cls dropped."""
-        x = self.decoder_norm(self.decoder(latent.mT).mT)
+        x = self.decoder_norm(self.decoder(latent))
         return self.decoder_pred(x)[:, 1:]
 
     def loss(self, images: torch.Tensor, prediction: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

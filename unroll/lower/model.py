@@ -59,10 +59,11 @@ class LayerStack(nn.Module):
     def layer(self, i: int) -> Layer:
         return self.layers[0 if len(self.layers) == 1 else i]
 
-    def forward(self, Z: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, d) -> (B, N, d), tokens as rows."""
         for i in range(self.depth):
-            Z = self.layer(i)(Z)
-        return Z
+            tokens = self.layer(i).run(tokens)
+        return tokens
 
 
 class Layer(nn.Module):
@@ -74,10 +75,15 @@ class Layer(nn.Module):
             {u.name: LoweredStep(u, sizes, graph.order(u.name), optimize) for u in graph.updates}
         )
 
-    def forward(self, Z: torch.Tensor) -> torch.Tensor:
+    def run(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, d) -> (B, N, d): each step in the layout it was lowered for."""
         for step in self.steps.values():
-            Z = step(Z)
-        return Z
+            tokens = step(tokens) if step.rows else step(tokens.mT).mT
+        return tokens
+
+    def forward(self, Z: torch.Tensor) -> torch.Tensor:
+        """(B, d, N) -> (B, d, N), tokens as columns as in the derivation."""
+        return self.run(Z.mT).mT
 
 
 class WhiteBoxClassifier(nn.Module):
@@ -104,8 +110,7 @@ class WhiteBoxClassifier(nn.Module):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Tokens after the last layer, (B, N, d)."""
-        Z = self.frontend(images).mT  # tokens as columns from here on, as in the derivation
-        return self.encoder(Z).mT
+        return self.encoder(self.frontend(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.encode(images))

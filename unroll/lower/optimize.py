@@ -20,6 +20,8 @@ Sums with ``c 1`` or ``b 1ᵀ`` add a broadcast scalar or column instead of a ma
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import sympy as sp
 import torch
 import torch.nn.functional as F
@@ -135,7 +137,9 @@ def _collect_linear(terms: list[Basic], weights: set[str]) -> Basic:
 
 
 class OptimizedLowering(Lowering):
-    """Lowers the nodes above; everything else as :class:`~unroll.lower.interpret.Lowering`."""
+    """Lowers the nodes above, in the row layout: every matrix value ``X`` is held as ``Xᵀ``
+    (tokens as rows, (batch|1, heads|1, cols, rows)), the layout attention and LayerNorm kernels
+    want, so that no activation is ever transposed. ``(A B)ᵀ = Bᵀ Aᵀ`` reverses products."""
 
     def __init__(self, smooth_grads, sizes: dict[str, int], weights: set[str]):
         super().__init__(smooth_grads)
@@ -144,31 +148,82 @@ class OptimizedLowering(Lowering):
         #: LinearMap factor cache: node key -> (versions of the tensors it was formed from, factor)
         self.cache: dict[int, tuple[tuple, torch.Tensor]] = {}
 
+    # the generic nodes, transposed -------------------------------------------------------
+    def _MatMul(self, e):
+        coeff, mm = e.as_coeff_mmul()
+        factors = [self.matrix(f) for f in reversed(mm.args)]
+        scale = self.scalar(coeff) if coeff != 1 else None
+
+        def matmul(env):
+            out = factors[0](env)
+            for f in factors[1:]:
+                out = matmul4(out, f(env))
+            return out * scale(env) if scale is not None else out
+
+        return matmul
+
+    def _constant_matrix(self, e, fill: Callable):
+        return super()._constant_matrix(sp.ZeroMatrix(e.shape[1], e.shape[0]), fill)
+
+    def _HeadSum(self, e: HeadSum):
+        coeff, mm = e.arg.as_coeff_mmul() if isinstance(e.arg, sp.MatMul) else (sp.Integer(1), None)
+        first = mm.args[0] if mm is not None else None
+        if coeff == 1 and isinstance(first, sp.MatrixSymbol) and is_per_head(first) and len(mm.args) > 1:
+            head, rest = self.matrix(first), self.matrix(sp.MatMul(*mm.args[1:]))
+            return lambda env: torch.einsum("bknp,xkpd->bnd", rest(env), head(env)).unsqueeze(1)
+        body = self.matrix(e.arg)
+        return lambda env: body(env).sum(1, keepdim=True)
+
+    def _Softmax(self, e: Softmax):
+        inner = self.matrix(e.arg)
+        return lambda env: torch.softmax(inner(env), dim=-1)
+
+    def _LayerNorm(self, e):
+        inner, eps = self.matrix(e.arg), float(e.eps)
+        w, b = e.weight.name, e.bias.name
+
+        def norm(env):
+            x = inner(env)
+            raw = env["__raw__"]
+            return F.layer_norm(x, (x.shape[-1],), raw[w], raw[b], eps)
+
+        return norm
+
+    def _SmoothGrad(self, e):
+        inner, grad = self.matrix(e.arg), self.smooth_grads[e.term]
+
+        def smooth_grad(env):
+            x = inner(env)
+            b, h, n, d = x.shape
+            return grad(x.reshape(b * h, n, d)).reshape(b, h, n, d)
+
+        return smooth_grad
+
+    # the optimised nodes ---------------------------------------------------------------------
     def _Attention(self, e: Attention) -> Fn:
         P, U, X, scale = e.args
         out, proj, tokens = self.matrix(P), self.matrix(U), self.matrix(X)
         s = self.scalar(scale)
 
         def attention(env: Env) -> torch.Tensor:
-            x = tokens(env)[:, 0].mT  # (B, N, d): tokens as rows, as attention kernels want them
-            U_k, P_k = proj(env)[0], out(env)[0]  # (K, d, p)
-            heads, _, dim_head = U_k.shape
-            # one product for all heads, and heads as a view: the kernels need only the last
+            x = tokens(env)[:, 0]  # (B, N, d)
+            U_t, P_t = proj(env)[0], out(env)[0]  # U_kᵀ, P_kᵀ: (K, p, d)
+            heads, dim_head, _ = U_t.shape
+            # one product for all heads, heads as a view: the kernels need only the last
             # dimension contiguous (the flash kernel falls back to a slow path otherwise)
-            w = (x @ U_k.permute(1, 0, 2).flatten(1)).unflatten(-1, (heads, dim_head)).transpose(1, 2)
+            w = (x @ U_t.flatten(0, 1).mT).unflatten(-1, (heads, dim_head)).transpose(1, 2)
             factor = s(env)
             if isinstance(factor, torch.Tensor):  # a learned temperature: scale the queries
                 y = F.scaled_dot_product_attention(w * factor, w, w, scale=1.0)
             else:
                 y = F.scaled_dot_product_attention(w, w, w, scale=float(factor))
-            rows = y.transpose(1, 2).flatten(2) @ P_k.transpose(1, 2).flatten(0, 1)  # (B, N, d)
-            return rows.mT.unsqueeze(1)
+            return (y.transpose(1, 2).flatten(2) @ P_t.flatten(0, 1)).unsqueeze(1)
 
         return attention
 
     def _LinearMap(self, e: LinearMap) -> Fn:
         M, X = e.args
-        tokens = self.matrix(X)
+        tokens, factor_of = self.matrix(X), self.matrix(M)  # the factor, transposed like any value
         terms = [matmul_factors(t) for t in (M.args if isinstance(M, sp.MatAdd) else (M,))]
         coeffs = [self.scalar(c) for c, _ in terms]
         chains = [[self.matrix(f) for f in fs if not isinstance(f, sp.Identity)] for _, fs in terms]
@@ -180,39 +235,26 @@ class OptimizedLowering(Lowering):
         names = sorted(a.name for a in M.free_symbols if hasattr(a, "name"))
         key = id(e)
 
-        def weights_factor(env: Env) -> torch.Tensor:
-            parts = []
-            for c, chain in zip(coeffs, chains):
-                if chain:
-                    prod = chain[0](env)
-                    for f in chain[1:]:
-                        prod = prod @ f(env)
-                else:
-                    ref = env["Z"]
-                    prod = torch.eye(rows, dtype=ref.dtype, device=ref.device)[None, None]
-                parts.append(prod * c(env))
-            return _sum(parts)
-
         def cached(env: Env) -> torch.Tensor | None:
             if torch.is_grad_enabled() or torch.compiler.is_compiling():
                 return None
             versions = tuple(_version(_tensor(env, n)) for n in names) + _precision(env["Z"])
             hit = self.cache.get(key)
             if hit is None or hit[0] != versions:
-                self.cache[key] = (versions, weights_factor(env))
+                self.cache[key] = (versions, factor_of(env))
             return self.cache[key][1]
 
         def linear(env: Env) -> torch.Tensor:
             x = tokens(env)
-            count = x.shape[0] * x.shape[-1]  # T: tokens of the whole batch
+            count = x.shape[0] * x.shape[-2]  # T: tokens of the whole batch
             factor = cached(env)
             if factor is not None or hoisting_pays(form_cost, rows * cols, written_per_token, count):
-                return matmul4(factor if factor is not None else weights_factor(env), x)
+                return matmul4(x, factor if factor is not None else factor_of(env))
             out = []
             for c, chain in zip(coeffs, chains):
                 y = x
-                for f in reversed(chain):
-                    y = matmul4(f(env), y)
+                for f in reversed(chain):  # F_1 ... F_k X: F_k meets the tokens first
+                    y = matmul4(y, f(env))
                 out.append(y * c(env))
             return _sum(out)
 

@@ -32,7 +32,8 @@ def init_param(spec: ParamSpec, sizes: dict[str, int]) -> torch.Tensor:
 
 
 class LoweredStep(nn.Module):
-    """Computes ``update.out`` from ``Z`` of shape (B, d, N), tokens as columns.
+    """Computes ``update.out`` from ``Z`` of shape (B, d, N), tokens as columns (or, optimised,
+    (B, N, d), tokens as rows).
 
     Parameters are attributes named after their symbols (``U_k`` -> ``U`` of shape (K, d, p));
     fixed constants are non-persistent buffers, learnable ones parameters.
@@ -57,6 +58,8 @@ class LoweredStep(nn.Module):
         bound = {s.name: e for s, e in update.where}
         out = update.out
         self.optimized = optimize
+        #: the optimised lowering holds every matrix transposed: tokens as rows, as kernels like them
+        self.rows = optimize
         if optimize:
             weights = weights_of(update)
             out = optimize_expr(out, bound, weights)
@@ -69,21 +72,26 @@ class LoweredStep(nn.Module):
         self.result = lowering.matrix(out)
 
     def _env(self, Z: torch.Tensor) -> dict:
-        env: dict = {"Z": Z.unsqueeze(1), "__sizes__": {**self.sizes, "N": Z.shape[-1]}, "__raw__": {}}
+        """Values by symbol name, 4-D; in the row layout every matrix is held transposed
+        (as views: a weight is never copied to be transposed)."""
+        rows = self.rows
+        tokens = Z.shape[-2] if rows else Z.shape[-1]
+        env: dict = {"Z": Z.unsqueeze(1), "__sizes__": {**self.sizes, "N": tokens}, "__raw__": {}}
         for attr, spec in self.specs.items():
             raw = getattr(self, attr)
             env["__raw__"][spec.name] = raw
             if spec.per_head:
-                env[spec.name] = raw.unsqueeze(0)
+                env[spec.name] = (raw.mT if rows else raw).unsqueeze(0)
             elif raw.dim() == 1:
-                env[spec.name] = raw[None, None, :, None]
+                env[spec.name] = raw[None, None, None, :] if rows else raw[None, None, :, None]
             else:
-                env[spec.name] = raw[None, None]
+                env[spec.name] = (raw.mT if rows else raw)[None, None]
         for name in self.constant_names:
             env[name] = getattr(self, name)
         return env
 
     def forward(self, Z: torch.Tensor) -> torch.Tensor:
+        """``Z``: (B, d, N), tokens as columns; (B, N, d) for an optimised step (``rows``)."""
         env = self._env(Z)
         for name, fn in self.program:
             env[name] = fn(env)
