@@ -145,3 +145,30 @@ def test_bf16_autocast_keeps_logits_and_sparsity():
 
 def _is_autoencoder(model) -> bool:
     return hasattr(getattr(model, "_orig_mod", model), "decoder_pred")
+
+
+def test_bench_command_reports_both_builds_and_their_ratio():
+    import subprocess
+    import sys
+
+    args = ["bench", str(ROOT / "recipes/crate_tiny.yaml"), "--batch", "2", "--repeats", "1",
+            "--set", "architecture.image_size=32", "--set", "architecture.patch_size=16",
+            "--set", "architecture.width=48", "--set", "architecture.heads=4", "--set", "architecture.depth=2"]
+    result = subprocess.run([sys.executable, "-m", "unroll", *args], capture_output=True, text=True,
+                            env={**__import__("os").environ, "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for needle in ("forward, images/s", "train step, images/s", "forward GFLOP/s", "forward peak, MiB",
+                   "5 tokens", "17 tokens"):  # the recipe, and its patch-8 long-sequence case
+        assert needle in out, needle
+    assert out.count("x │") >= 4  # forward, train and memory ratios, and the long case's
+    assert "USDT" not in result.stderr
+
+
+def test_build_without_optimisations_computes_as_printed(tmp_path):
+    from unroll.cli import main
+
+    args = ["build", str(ROOT / "recipes/crate_tiny.yaml"), "--no-optimize", "--out", str(tmp_path)]
+    assert main(args + [a for s in SMALL + ["architecture.classes=10"] for a in ("--set", s)]) == 0
+    plain = unroll.build(tmp_path / "recipe.yaml", checkpoint=tmp_path / "model.safetensors", optimize=False)
+    assert not any(step.optimized for layer in plain.encoder.layers for step in layer.steps.values())

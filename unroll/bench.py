@@ -9,13 +9,17 @@ accounting on CPU and with the CUDA allocator's peak statistics on GPU.
 
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from torch.utils.flop_counter import FlopCounterMode
+
+from unroll.summary import flop_counter
 
 # dense peak TFLOP/s by device name fragment and dtype, for the fraction of peak on GPU
 PEAK_TFLOPS = {"H100": {torch.bfloat16: 989.0, torch.float32: 67.0}, "H200": {torch.bfloat16: 989.0, torch.float32: 67.0},
@@ -116,7 +120,7 @@ def peak_forward_mib(model, batch: int, device: str, dtype: torch.dtype | None =
             model(images)
             torch.cuda.synchronize()
             return (torch.cuda.max_memory_allocated() - base) / 2**20
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             model(images)
     held = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):
@@ -157,11 +161,25 @@ def run(recipe: Path, overrides: list[str], batch: int, device: str, repeats: in
     return rows
 
 
+@contextmanager
+def _quiet_stderr():
+    """The profiler's C++ side logs its start and stop straight to file descriptor 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def forward_flops(model, batch: int, device: str) -> int:
     """FLOPs of one warm inference forward of ``batch`` images, as torch's counter sees them
     (cached weight-only factors are not recomputed, so they are not counted)."""
     images = _inputs(model, batch, device)
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with torch.inference_mode():
         model(images)
         with counter:

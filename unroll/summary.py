@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from unroll.expr.printing import to_text
 
@@ -12,11 +12,21 @@ def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _cpu_flash_attention(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter, taught the CPU flash-attention kernel it does not count."""
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention}
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
 def flops_per_sample(model: torch.nn.Module) -> int:
     """Forward FLOPs for one image (matrix products and attention, as torch counts them)."""
     spec = model.network.frontend
     images = torch.zeros(1, spec.channels, spec.image_size, spec.image_size)
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with torch.no_grad(), counter:
         model(images)
     return counter.get_total_flops()
