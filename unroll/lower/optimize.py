@@ -205,7 +205,7 @@ class OptimizedLowering(Lowering):
         out, proj, tokens = self.matrix(P), self.matrix(U), self.matrix(X)
         s = self.scalar(scale)
 
-        def attention(env: Env) -> torch.Tensor:
+        def attention(env: Env, bias: torch.Tensor | None = None) -> torch.Tensor:
             x = tokens(env)[:, 0]  # (B, N, d)
             U_t, P_t = proj(env)[0], out(env)[0]  # U_kᵀ, P_kᵀ: (K, p, d)
             heads, dim_head, _ = U_t.shape
@@ -217,7 +217,8 @@ class OptimizedLowering(Lowering):
                 y = F.scaled_dot_product_attention(w * factor, w, w, scale=1.0)
             else:
                 y = F.scaled_dot_product_attention(w, w, w, scale=float(factor))
-            return (y.transpose(1, 2).flatten(2) @ P_t.flatten(0, 1)).unsqueeze(1)
+            y = y.transpose(1, 2).flatten(2).unsqueeze(1)  # (B, 1, N, K p)
+            return matmul4(y, P_t.flatten(0, 1)[None, None]) if bias is None else _addmm(bias, y, P_t.flatten(0, 1))
 
         return attention
 
@@ -244,13 +245,17 @@ class OptimizedLowering(Lowering):
                 self.cache[key] = (versions, factor_of(env))
             return self.cache[key][1]
 
-        def linear(env: Env) -> torch.Tensor:
+        def linear(env: Env, bias: torch.Tensor | None = None) -> torch.Tensor:
             x = tokens(env)
             count = x.shape[0] * x.shape[-2]  # T: tokens of the whole batch
             factor = cached(env)
             if factor is not None or hoisting_pays(form_cost, rows * cols, written_per_token, count):
-                return matmul4(x, factor if factor is not None else factor_of(env))
-            out = []
+                factor = factor if factor is not None else factor_of(env)
+                if bias is not None and x.shape[1] == 1 and factor.shape[:2] == (1, 1):
+                    return _addmm(bias, x, factor[0, 0])
+                out = matmul4(x, factor)
+                return out if bias is None else out + bias
+            out = [] if bias is None else [bias]
             for c, chain in zip(coeffs, chains):
                 y = x
                 for f in reversed(chain):  # F_1 ... F_k X: F_k meets the tokens first
@@ -267,14 +272,37 @@ class OptimizedLowering(Lowering):
             (broadcast if column is not None else full).append(column if column is not None else t)
         if not full or not broadcast:
             return super()._MatAdd(e)
-        parts = [self.matrix(t) for t in full] + [self.matrix(t) for t in broadcast]
-        return lambda env: _sum(f(env) for f in parts)
+        fused = next((t for t in full if isinstance(t, (LinearMap, Attention))), None)
+        if fused is None:
+            parts = [self.matrix(t) for t in full] + [self.matrix(t) for t in broadcast]
+            return lambda env: _sum(f(env) for f in parts)
+        # the broadcast terms ride along in the product's own addition (addmm)
+        product = self.matrix(fused)
+        rest = [self.matrix(t) for t in full if t is not fused]
+        shifts = [self.matrix(t) for t in broadcast]
+
+        def fused_sum(env: Env) -> torch.Tensor:
+            bias = _sum(f(env) for f in shifts)
+            out = product(env, bias)
+            return _sum([out, *(f(env) for f in rest)])
+
+        return fused_sum
 
     def _int(self, size: sp.Expr) -> int:
         value = sp.sympify(size).xreplace({sp.Symbol(k, positive=True, integer=True): sp.Integer(v) for k, v in self.sizes.items()})
         if not value.is_Integer:
             raise ValueError(f"the weight-only factor has a size that depends on the tokens: {to_text(size)}")
         return int(value)
+
+
+def _addmm(bias, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``bias + x @ weight`` for x (B, 1, N, c) in one GEMM; bias broadcasts over the rows."""
+    if isinstance(bias, torch.Tensor):
+        bias = bias.to(x.dtype).reshape(-1)
+    else:
+        bias = torch.tensor(bias, dtype=x.dtype, device=x.device)
+    out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight.to(x.dtype))
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def hoisting_pays(form_cost: int, hoisted_per_token: int, written_per_token: int, tokens) -> bool:
