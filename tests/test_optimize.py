@@ -172,3 +172,10 @@ def test_build_without_optimisations_computes_as_printed(tmp_path):
     assert main(args + [a for s in SMALL + ["architecture.classes=10"] for a in ("--set", s)]) == 0
     plain = unroll.build(tmp_path / "recipe.yaml", checkpoint=tmp_path / "model.safetensors", optimize=False)
     assert not any(step.optimized for layer in plain.encoder.layers for step in layer.steps.values())
+
+
+def test_gram_backward_is_the_gradient_of_v_vt():
+    from unroll.lower.optimize import Gram
+
+    V = torch.randn(1, 1, 5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(Gram.apply, (V,))

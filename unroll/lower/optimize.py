@@ -151,7 +151,7 @@ class OptimizedLowering(Lowering):
     # the generic nodes, transposed -------------------------------------------------------
     def _MatMul(self, e):
         coeff, mm = e.as_coeff_mmul()
-        factors = [self.matrix(f) for f in reversed(mm.args)]
+        factors = [self._gram(g) if isinstance(g, _Gram) else self.matrix(g) for g in reversed(_grams(mm.args))]
         scale = self.scalar(coeff) if coeff != 1 else None
 
         def matmul(env):
@@ -161,6 +161,10 @@ class OptimizedLowering(Lowering):
             return out * scale(env) if scale is not None else out
 
         return matmul
+
+    def _gram(self, g: "_Gram") -> Fn:
+        inner = self.matrix(g.arg)  # holds Aᵀ, so AᵀA = inner innerᵀ
+        return lambda env: Gram.apply(inner(env))
 
     def _constant_matrix(self, e, fill: Callable):
         return super()._constant_matrix(sp.ZeroMatrix(e.shape[1], e.shape[0]), fill)
@@ -293,6 +297,44 @@ class OptimizedLowering(Lowering):
         if not value.is_Integer:
             raise ValueError(f"the weight-only factor has a size that depends on the tokens: {to_text(size)}")
         return int(value)
+
+
+class _Gram:
+    """``Aᵀ A`` found in a product (a marker, not an expression node)."""
+
+    def __init__(self, arg: Basic):
+        self.arg = arg
+
+
+def _grams(factors) -> list:
+    """Factors with each adjacent pair ``Aᵀ A`` of a weight replaced by a :class:`_Gram`."""
+    out, i = [], 0
+    while i < len(factors):
+        a = factors[i]
+        if i + 1 < len(factors) and isinstance(a, sp.Transpose) and a.arg == factors[i + 1] and isinstance(a.arg, sp.MatrixSymbol):
+            out.append(_Gram(a.arg))
+            i += 2
+        else:
+            out.append(a)
+            i += 1
+    return out
+
+
+class Gram(torch.autograd.Function):
+    """``V Vᵀ`` whose backward is one product, ``(G + Gᵀ) V``, where autograd would take two."""
+
+    @staticmethod
+    def forward(V: torch.Tensor) -> torch.Tensor:
+        return V @ V.mT
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (V,) = ctx.saved_tensors
+        return (grad + grad.mT) @ V
 
 
 def _addmm(bias, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
