@@ -46,6 +46,9 @@ VARIANTS = {
         ProximalStep(SPARSE, 0.1, name="sparsify", relax=(PreNorm(1e-5),)),
     ))),
     "i_tweedie_denoiser": [GradientStep(DenoisingScore(noise=0.6), 0.36, "denoise")],
+    "j_causal_attention": [GradientStep(Rc, 1.0, "compress", (
+        Neumann(1), CompleteSubspaces(), SoftmaxSimilarity("1/sqrt(p)", causal=True), UntieOutput(bias=True),
+        Residual(True), PreNorm(1e-5)))],
 }
 
 
@@ -103,3 +106,14 @@ def test_decoder_ascends_where_the_encoder_descends():
     assert "gradient ascent on R^c" in text
     assert "Z⁺ = Z - Σ_k[O_k W_k softmax(τ W_kᵀ W_k)] - b 1ᵀ" in text
     assert "Z⁺ = D Y" in text
+
+
+def test_causal_attention_never_looks_ahead():
+    for optimize in (False, True):
+        model = lower_network(small(VARIANTS["j_causal_attention"]), optimize=optimize).double()
+        Z = torch.randn(2, 12, 9, dtype=torch.float64)
+        later = Z.clone()
+        later[..., 5:] += torch.randn(2, 12, 4, dtype=torch.float64)  # change tokens 5..8 only
+        with torch.no_grad():
+            a, b = model.layer(0)(Z), model.layer(0)(later)
+        assert torch.allclose(a[..., :5], b[..., :5]) and not torch.allclose(a[..., 5:], b[..., 5:])

@@ -18,6 +18,7 @@ FAMILIES = {
     "crate": ("crate_tiny", ["architecture.classes=10"]),
     "crate_alpha": ("crate_alpha_b16", ["architecture.classes=10"]),
     "crate_mae": ("crate_mae_base", ["decoder.depth=2"]),
+    "causal_crate": ("crate_tiny", ["architecture.classes=10", "layer.0.relax.2.softmax.causal=true"]),
 }
 
 

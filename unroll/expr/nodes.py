@@ -48,14 +48,23 @@ class HeadSum(_Unary):
 class Softmax(_Unary):
     r"""Column-wise softmax: every column of the result sums to one (tokens are columns).
 
-    With tokens as rows this is the usual row-wise softmax of ``X U_k (X U_k)^T``.
+    With tokens as rows this is the usual row-wise softmax of ``X U_k (X U_k)^T``. ``causal``:
+    column j is normalised over rows i <= j only (token j sees no later token), the others are 0.
     """
 
+    def __new__(cls, arg: MatrixExpr, causal: bool = False):
+        return Basic.__new__(cls, sp.sympify(arg), sp.true if causal else sp.false)
+
+    @property
+    def causal(self) -> bool:
+        return bool(self.args[1])
+
     def _sympystr(self, printer) -> str:
-        return f"softmax({printer._print(self.arg)})"
+        return f"{'causal_' if self.causal else ''}softmax({printer._print(self.arg)})"
 
     def _latex(self, printer) -> str:
-        return r"\operatorname{softmax}\left(%s\right)" % printer._print(self.arg)
+        name = r"\operatorname{softmax}" + (r"_{\mathrm{causal}}" if self.causal else "")
+        return r"%s\left(%s\right)" % (name, printer._print(self.arg))
 
 
 class HeadSoftmax(_Unary):

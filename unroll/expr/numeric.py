@@ -135,6 +135,8 @@ class _Evaluator:
             return self.ev(e.base, k) ** self.scalar(e.exp, k)
         if isinstance(e, Softmax):
             x = self.ev(e.arg, k)
+            if e.causal:  # row i of column j only for i <= j
+                x = np.where(np.tril(np.ones_like(x), -1) > 0, -np.inf, x)
             x = np.exp(x - x.max(axis=0, keepdims=True))
             return x / x.sum(axis=0, keepdims=True)
         if isinstance(e, ReLU):

@@ -121,7 +121,15 @@ class Lowering:
 
     def _Softmax(self, e: Softmax):
         inner = self.matrix(e.arg)
-        return lambda env: torch.softmax(inner(env), dim=-2)
+        if not e.causal:
+            return lambda env: torch.softmax(inner(env), dim=-2)
+
+        def causal(env):
+            x = inner(env)
+            later = torch.ones(x.shape[-2:], dtype=torch.bool, device=x.device).tril(-1)  # i > j
+            return torch.softmax(x.masked_fill(later, float("-inf")), dim=-2)
+
+        return causal
 
     def _HeadSoftmax(self, e: HeadSoftmax):
         inner = self.matrix(e.arg)

@@ -36,16 +36,16 @@ from unroll.relax.tidy import matmul_factors
 class Attention(MatrixExpr):
     """``Σ_k P_k W_k softmax(s W_kᵀ W_k)``, ``W_k = U_kᵀ X``: args (P_k, U_k, X, s)."""
 
-    def __new__(cls, out: sp.MatrixSymbol, proj: sp.MatrixSymbol, tokens: MatrixExpr, scale: sp.Expr):
-        return Basic.__new__(cls, out, proj, tokens, sp.sympify(scale))
+    def __new__(cls, out: sp.MatrixSymbol, proj: sp.MatrixSymbol, tokens: MatrixExpr, scale: sp.Expr, causal: bool = False):
+        return Basic.__new__(cls, out, proj, tokens, sp.sympify(scale), sp.true if causal else sp.false)
 
     @property
     def shape(self):
         return (self.args[0].shape[0], self.args[2].shape[1])
 
     def _sympystr(self, printer) -> str:
-        P, U, X, s = (printer._print(a) for a in self.args)
-        return f"attention[{P}; {U}ᵀ {X}; scale {s}]"
+        P, U, X, s = (printer._print(a) for a in self.args[:4])
+        return f"{'causal ' if self.args[4] else ''}attention[{P}; {U}ᵀ {X}; scale {s}]"
 
 
 class LinearMap(MatrixExpr):
@@ -105,7 +105,7 @@ def _attention(h: HeadSum, where: dict[str, Basic]) -> Basic | None:
     c_w, proj = matmul_factors(where.get(W.name, W))
     if c_w != 1 or len(proj) != 2 or not isinstance(proj[0], sp.Transpose) or not is_per_head(proj[0].arg):
         return None
-    return Attention(P, proj[0].arg, proj[1], s)
+    return Attention(P, proj[0].arg, proj[1], s, S.causal)
 
 
 def _weight_only(e: Basic, weights: set[str]) -> bool:
@@ -180,7 +180,15 @@ class OptimizedLowering(Lowering):
 
     def _Softmax(self, e: Softmax):
         inner = self.matrix(e.arg)
-        return lambda env: torch.softmax(inner(env), dim=-1)
+        if not e.causal:
+            return lambda env: torch.softmax(inner(env), dim=-1)
+
+        def causal(env):
+            x = inner(env)  # held transposed: row j, column i; mask i > j
+            later = torch.ones(x.shape[-2:], dtype=torch.bool, device=x.device).triu(1)
+            return torch.softmax(x.masked_fill(later, float("-inf")), dim=-1)
+
+        return causal
 
     def _LayerNorm(self, e):
         inner, eps = self.matrix(e.arg), float(e.eps)
@@ -205,7 +213,8 @@ class OptimizedLowering(Lowering):
 
     # the optimised nodes ---------------------------------------------------------------------
     def _Attention(self, e: Attention) -> Fn:
-        P, U, X, scale = e.args
+        P, U, X, scale, causal = e.args
+        causal = bool(causal)
         out, proj, tokens = self.matrix(P), self.matrix(U), self.matrix(X)
         s = self.scalar(scale)
 
@@ -218,9 +227,9 @@ class OptimizedLowering(Lowering):
             w = (x @ U_t.flatten(0, 1).mT).unflatten(-1, (heads, dim_head)).transpose(1, 2)
             factor = s(env)
             if isinstance(factor, torch.Tensor):  # a learned temperature: scale the queries
-                y = F.scaled_dot_product_attention(w * factor, w, w, scale=1.0)
+                y = F.scaled_dot_product_attention(w * factor, w, w, scale=1.0, is_causal=causal)
             else:
-                y = F.scaled_dot_product_attention(w, w, w, scale=float(factor))
+                y = F.scaled_dot_product_attention(w, w, w, scale=float(factor), is_causal=causal)
             y = y.transpose(1, 2).flatten(2).unsqueeze(1)  # (B, 1, N, K p)
             return matmul4(y, P_t.flatten(0, 1)[None, None]) if bias is None else _addmm(bias, y, P_t.flatten(0, 1))
 

@@ -121,17 +121,20 @@ class CompleteSubspaces:
 @dataclass(frozen=True)
 class SoftmaxSimilarity:
     """Replace each Gram similarity ``W_k^T W_k`` of projected tokens by ``softmax(tau W_k^T W_k)``,
-    normalised over each column. ``temperature`` is a number or ``"1/sqrt(p)"``."""
+    normalised over each column. ``temperature`` is a number or ``"1/sqrt(p)"``; ``causal``
+    lets each token attend only to itself and earlier tokens (autoregressive models)."""
 
     __pydantic_config__: ClassVar = _STRICT
 
     temperature: Annotated[float, Field(gt=0)] | str = 1.0
+    causal: bool = False
     name: ClassVar[str] = "softmax"
 
     @property
     def rule(self) -> str:
         t = "" if self.temperature == 1 else "τ "
-        return f"W_kᵀ W_k → softmax({t}W_kᵀ W_k)" + (
+        kind = "causal_softmax" if self.causal else "softmax"
+        return f"W_kᵀ W_k → {kind}({t}W_kᵀ W_k)" + (
             f", τ = {'p^(-1/2)' if isinstance(self.temperature, str) else self.temperature}" if t else ""
         )
 
@@ -154,7 +157,7 @@ class SoftmaxSimilarity:
                 a = factors[i]
                 b = factors[i + 1] if i + 1 < len(factors) else None
                 if isinstance(a, sp.Transpose) and b is not None and a.arg == b and is_per_head(b):
-                    out.append(Softmax(scale * a * b))
+                    out.append(Softmax(scale * a * b, self.causal))
                     hits.append(b)
                     i += 2
                 else:
