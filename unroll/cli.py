@@ -1,7 +1,9 @@
-"""``unroll build | explain | convert | bench``: the command line, with errors and no tracebacks."""
+"""``unroll build | explain | convert | bench | train | measure | attention``: the command line,
+with errors and no tracebacks."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -138,6 +140,27 @@ def bench(
             ratio = f"{r['memory_ratio']:.2f}x" if "memory_ratio" in r else ""
             table.add_row("", "forward peak, MiB", *mem, ratio)
     console.print(table)
+
+
+@app.command()
+def train(
+    recipe: RecipeArg,
+    data: Annotated[Optional[str], typer.Option(help="digits, mixtures, or an ImageFolder directory [default: the recipe's training.data]")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="output folder [default: runs/<recipe name>]")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the initial weights and of the data order")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out where it stopped")] = False,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda [default: cuda if available]")] = None,
+    set: SetOpt = None,
+) -> None:
+    """Train the recipe's classifier: progress bar, metrics.csv, checkpoints each epoch (under torchrun: DDP)."""
+    from unroll.recipe import load_recipe
+    from unroll.train.loop import train as train_model
+
+    folder = out or Path("runs") / load_recipe(recipe, set or []).name
+    rows = train_model(recipe, folder, data, seed, set or [], resume, device)
+    if rows and int(os.environ.get("RANK", "0")) == 0:
+        last = rows[-1]
+        print(f"epoch {last['epoch']}: val_acc {last['val_acc']:.4f}, val_loss {last['val_loss']:.4f}; wrote {folder}")
 
 
 def main(argv: list[str] | None = None) -> int:

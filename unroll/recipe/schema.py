@@ -63,6 +63,11 @@ class Architecture(_Strict):
             raise ValueError("patch_norm applies to the linear embedding; set patch_norm: false with embedding: conv")
         if self.positions == "sincos" and self.width % 4:
             raise ValueError(f"positions: sincos needs a width divisible by 4, found {self.width}")
+        if self.patch_norm and self.embedding == "linear" and self.channels * self.patch_size**2 == 1:
+            raise ValueError(
+                "a patch of one pixel and one channel is a single value, which the patch LayerNorm maps to "
+                "zero (erasing the input); use larger patches or patch_norm: false"
+            )
         if self.pool == "cls" and not self.cls_token:
             raise ValueError("pool: cls needs cls_token: true")
         return self
@@ -154,6 +159,22 @@ class Decoder(_Strict):
     norm_eps: PositiveFloat = 1e-6
 
 
+class Training(_Strict):
+    """How ``unroll train`` trains the recipe (every field can be overridden with ``--set``)."""
+
+    data: str = Field("digits", description="digits, mixtures, or an ImageFolder directory")
+    epochs: PositiveInt = 30
+    batch_size: PositiveInt = 64
+    optimizer: Literal["adamw", "lion"] = "adamw"
+    lr: PositiveFloat = 1e-3
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: int = Field(2, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    clip_grad: PositiveFloat | None = 1.0
+    #: random shifts of up to this many pixels (0: none), a cheap augmentation for small images
+    shift: int = Field(0, ge=0)
+
+
 class Recipe(_Strict):
     name: str
     description: str = ""
@@ -161,6 +182,7 @@ class Recipe(_Strict):
     objective: dict[str, dict[str, Any]]
     layer: list[StepSpec] = Field(min_length=1)
     decoder: Decoder | None = None
+    training: Training = Field(default_factory=Training)
 
     @field_validator("objective", mode="before")
     @classmethod

@@ -1,0 +1,1 @@
+"""Training, measuring and looking at white-box models: data, optimisers, the loop, checkpoints."""

@@ -1,0 +1,124 @@
+"""Image classification data: scikit-learn's 8x8 digits (embedded, no download), an ImageFolder
+directory, or synthetic mixtures of low-rank Gaussians (the theory's own setting).
+
+Every source returns float tensors (N, C, H, W) and integer labels; :func:`split` makes the fixed,
+stratified held-out quarter used for evaluation (independent of the training seed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unroll.errors import UnrollError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+@dataclass
+class Dataset:
+    images: torch.Tensor  # (N, C, H, W) float32
+    labels: torch.Tensor  # (N,) int64
+    classes: list[str]
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> Dataset:
+        return Dataset(self.images[index], self.labels[index], self.classes, self.name)
+
+
+def digits() -> Dataset:
+    """scikit-learn's 1,797 8x8 handwritten digits, one channel, scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return Dataset(images, torch.tensor(data.target, dtype=torch.int64), [str(c) for c in range(10)], "digits")
+
+
+def mixtures(classes: int = 4, per_class: int = 300, image_size: int = 8, channels: int = 1,
+             rank: int = 3, noise: float = 0.05, seed: int = 0) -> Dataset:
+    """Images whose pixels lie near one of ``classes`` random ``rank``-dimensional subspaces
+    (a mixture of low-rank Gaussians); the label is the subspace."""
+    g = torch.Generator().manual_seed(seed)
+    dim = channels * image_size * image_size
+    if classes * rank > dim:
+        raise UnrollError(f"{classes} subspaces of rank {rank} do not fit in {dim} pixels", field="data")
+    bases = torch.linalg.qr(torch.randn(dim, dim, generator=g))[0][:, : classes * rank].reshape(dim, classes, rank)
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    coeffs = torch.randn(len(labels), rank, generator=g)
+    x = torch.einsum("dkr,nr->nkd", bases, coeffs)[torch.arange(len(labels)), labels]
+    x = x + noise * torch.randn(x.shape, generator=g)
+    images = x.reshape(-1, channels, image_size, image_size)
+    return Dataset(images, labels, [f"subspace {k}" for k in range(classes)], "mixtures")
+
+
+def image_folder(root: str | Path, image_size: int, channels: int) -> Dataset:
+    """``root/<class>/<image>``: one folder per class, images resized to ``image_size``."""
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(root)
+    if not root.is_dir():
+        raise UnrollError("no such data directory", where=str(root))
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    if not folders:
+        raise UnrollError("expected one sub-folder per class (an ImageFolder), found none", where=str(root))
+    mode = {1: "L", 3: "RGB"}.get(channels)
+    if mode is None:
+        raise UnrollError(f"images with {channels} channels are not supported (1 or 3)", where=str(root))
+    images, labels = [], []
+    for label, folder in enumerate(folders):
+        for path in sorted(folder.iterdir()):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(path) as img:
+                    found = len(img.getbands())
+                    if found != channels and not (img.mode == "P" and channels == 3):
+                        raise UnrollError(
+                            f"expected {channels}-channel images (the recipe's architecture.channels), "
+                            f"found {found} channels ({img.mode})", where=str(path))
+                    img = img.convert(mode).resize((image_size, image_size))
+                    array = np.asarray(img, dtype=np.float32) / 255.0
+            except UnidentifiedImageError:
+                raise UnrollError("not a readable image", where=str(path)) from None
+            images.append(torch.from_numpy(array).reshape(image_size, image_size, channels).permute(2, 0, 1))
+            labels.append(label)
+    if not images:
+        raise UnrollError(f"no images found in {len(folders)} class folders", where=str(root))
+    return Dataset(torch.stack(images), torch.tensor(labels), [f.name for f in folders], root.name)
+
+
+def load(spec: str, image_size: int, channels: int) -> Dataset:
+    """``digits``, ``mixtures`` or a directory path."""
+    if spec == "digits":
+        data = digits()
+    elif spec == "mixtures":
+        data = mixtures(image_size=image_size, channels=channels)
+    else:
+        return image_folder(spec, image_size, channels)
+    if data.images.shape[1:] != (channels, image_size, image_size):
+        shape = tuple(data.images.shape[1:])
+        raise UnrollError(
+            f"the {spec} images are {shape} (channels, height, width); the recipe expects "
+            f"{(channels, image_size, image_size)}", field="architecture")
+    return data
+
+
+def split(data: Dataset, held_out: float = 0.25, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """(train, validation): a fixed stratified held-out fraction of every class."""
+    g = torch.Generator().manual_seed(seed)
+    val = []
+    for c in torch.unique(data.labels):
+        members = torch.nonzero(data.labels == c).flatten()
+        members = members[torch.randperm(len(members), generator=g)]
+        val.append(members[: int(round(held_out * len(members)))])
+    val_index = torch.cat(val).sort().values
+    mask = torch.ones(len(data), dtype=torch.bool)
+    mask[val_index] = False
+    return data.subset(torch.nonzero(mask).flatten()), data.subset(val_index)

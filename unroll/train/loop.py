@@ -1,0 +1,206 @@
+"""``unroll train``: one command from a recipe to a trained, checkpointed classifier.
+
+Data order depends only on the seed and the epoch, the RNG state is checkpointed, and the
+learning rate follows a per-step schedule that is checkpointed too, so ``--resume`` continues
+exactly where a run stopped. Under ``torchrun`` every process trains a disjoint share of each
+global batch inside torch's DistributedDataParallel (gloo on CPU, nccl on GPU); with equal shares,
+the averaged gradient is the single-process gradient of the global batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from unroll.checkpoint import atomic_write
+from unroll.errors import UnrollError, located
+from unroll.train import data as datasets
+from unroll.train import state
+from unroll.train.optim import make_optimizer, warmup_cosine
+
+METRICS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _world(device: torch.device) -> World:
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return World(dist.get_rank(), dist.get_world_size())
+
+
+def _shift(images: torch.Tensor, pixels: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Translate each image by its ``offsets`` (2, B) in [0, 2 pixels] (zero padding)."""
+    if pixels == 0:
+        return images
+    padded = F.pad(images, (pixels,) * 4)
+    h, w = images.shape[-2:]
+    dy, dx = offsets
+    rows = (torch.arange(h)[None, :] + dy[:, None])[:, None, :, None]
+    cols = (torch.arange(w)[None, :] + dx[:, None])[:, None, None, :]
+    return padded.gather(2, rows.expand(-1, images.shape[1], -1, padded.shape[-1])).gather(
+        3, cols.expand(-1, images.shape[1], h, -1))
+
+
+def rank_share(batch: torch.Tensor, world: World) -> torch.Tensor:
+    """This process's share of a global batch: every ``size``-th item from ``rank`` (disjoint,
+    equal in size when ``size`` divides the batch)."""
+    return batch[world.rank:: world.size]
+
+
+def evaluate(model, data: datasets.Dataset, batch: int = 256, label_smoothing: float = 0.0) -> tuple[float, float]:
+    """(mean loss, accuracy) on ``data``."""
+    model.eval()
+    total, correct, loss = 0, 0, 0.0
+    with torch.no_grad():
+        for i in range(0, len(data), batch):
+            x, y = data.images[i: i + batch], data.labels[i: i + batch]
+            logits = model(x.to(_device(model)))
+            loss += F.cross_entropy(logits.float(), y.to(logits.device), label_smoothing=label_smoothing, reduction="sum").item()
+            correct += (logits.argmax(-1).cpu() == y).sum().item()
+            total += len(y)
+    model.train()
+    return loss / total, correct / total
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def train(recipe_path: str | Path, out: str | Path, data: str | None = None, seed: int = 0,
+          overrides: list[str] | None = None, resume: bool = False, device: str | None = None,
+          stop_after: int | None = None, console: Console | None = None) -> list[dict]:
+    """Train ``recipe_path``'s classifier; returns the metrics rows (one per epoch).
+
+    ``stop_after``: leave after this many epochs of this run (to test resuming).
+    """
+    from unroll.api import build
+    from unroll.recipe import load_recipe
+
+    console = console or Console(stderr=True)
+    out = Path(out)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    world = _world(dev)
+    recipe = load_recipe(recipe_path, overrides or [])
+    t, a = recipe.training, recipe.architecture
+    if recipe.decoder is not None:
+        raise UnrollError("unroll train trains classifiers; this recipe builds a masked autoencoder", where=str(recipe_path))
+    if t.batch_size % world.size:
+        raise UnrollError(f"batch_size ({t.batch_size}) must be divisible by the number of processes ({world.size})",
+                          field="training.batch_size")
+    with located(str(recipe_path)):
+        full = datasets.load(data or t.data, a.image_size, a.channels)
+    if len(full.classes) != a.classes:
+        raise UnrollError(f"the data has {len(full.classes)} classes, the recipe's architecture.classes is {a.classes}",
+                          where=str(recipe_path))
+    train_set, val_set = datasets.split(full)
+
+    torch.manual_seed(seed)
+    with located(str(recipe_path)):
+        model = build(recipe).to(dev)
+    optimizer = make_optimizer(t.optimizer, model.parameters(), t.lr, t.weight_decay)
+    steps_per_epoch = len(train_set) // t.batch_size
+    if steps_per_epoch == 0:
+        raise UnrollError(f"batch_size ({t.batch_size}) is larger than the training split ({len(train_set)})",
+                          field="training.batch_size")
+    total = steps_per_epoch * t.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, t.warmup_epochs * steps_per_epoch, total))
+    info = {"recipe": state.recipe_digest(recipe), "seed": seed, "data": data or t.data, "world_size": world.size}
+    rows: list[dict] = []
+    start = 0
+    if resume:
+        record = state.load(out, model, optimizer, scheduler, info["recipe"])
+        if record["seed"] != seed:
+            raise UnrollError(f"the run was started with --seed {record['seed']}, not {seed}", where=str(out))
+        start = record["epoch"]
+        rows = _read_metrics(out / "metrics.csv")[:start]
+    elif world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+        atomic_write(out / "recipe.yaml", lambda tmp: Path(tmp).write_text(text))
+    net = torch.nn.parallel.DistributedDataParallel(model) if world.size > 1 else model
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
+                        TimeElapsedColumn(), console=console, disable=not world.main)
+    with progress:
+        for epoch in range(start, t.epochs if stop_after is None else min(t.epochs, start + stop_after)):
+            began = time.perf_counter()
+            order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+            shifts = torch.Generator().manual_seed(seed * 7_919 + epoch)
+            task = progress.add_task(f"epoch {epoch + 1}/{t.epochs}", total=steps_per_epoch, status="")
+            seen, loss_sum, correct = 0, 0.0, 0
+            for step in range(steps_per_epoch):
+                batch = order[step * t.batch_size: (step + 1) * t.batch_size]
+                offsets = torch.randint(0, 2 * t.shift + 1, (2, len(batch)), generator=shifts)  # drawn for the global batch
+                mine = rank_share(batch, world)
+                x = _shift(train_set.images[mine], t.shift, rank_share(offsets.T, world).T).to(dev)
+                y = train_set.labels[mine].to(dev)
+                with amp:
+                    logits = net(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=t.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if t.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
+                optimizer.step()
+                scheduler.step()
+                seen += len(y)
+                loss_sum += loss.item() * len(y)
+                correct += (logits.argmax(-1) == y).sum().item()
+                rate = seen * world.size / (time.perf_counter() - began)
+                progress.update(task, advance=1, status=f"loss {loss_sum / seen:.3f}  acc {correct / seen:.3f}  {rate:.0f} img/s")
+            if world.size > 1:  # the epoch's training figures over all processes
+                sums = torch.tensor([seen, loss_sum, correct], dtype=torch.float64, device=dev)
+                dist.all_reduce(sums)
+                seen, loss_sum, correct = int(sums[0]), float(sums[1]), float(sums[2])
+            val_loss, val_acc = evaluate(model, val_set, label_smoothing=t.label_smoothing)
+            row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen, "val_loss": val_loss,
+                   "val_acc": val_acc, "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - began}
+            rows.append(row)
+            progress.update(task, status=f"loss {row['train_loss']:.3f}  val loss {val_loss:.3f}  val acc {val_acc:.3f}")
+            if world.main:
+                state.save(out, model, optimizer, scheduler, epoch + 1, info)
+                _write_metrics(out / "metrics.csv", rows)
+    if world.size > 1:
+        dist.barrier()
+    return rows
+
+
+def _write_metrics(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRICS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
