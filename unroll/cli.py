@@ -163,6 +163,65 @@ def train(
         print(f"epoch {last['epoch']}: val_acc {last['val_acc']:.4f}, val_loss {last['val_loss']:.4f}; wrote {folder}")
 
 
+def _built(recipe: Path, checkpoint: Optional[Path], overrides: list[str]):
+    from unroll.api import build
+    from unroll.recipe import load_recipe
+
+    resolved = load_recipe(recipe, overrides)
+    with located(str(recipe)):
+        return resolved, build(resolved, checkpoint=checkpoint).eval()
+
+
+@app.command()
+def measure(
+    recipe: RecipeArg,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="model.safetensors (e.g. from unroll train)")] = None,
+    data: Annotated[Optional[str], typer.Option(help="digits, mixtures or an ImageFolder [default: the recipe's training.data]")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="folder for measure.csv and measure.png [default: runs/<name>/measure]")] = None,
+    samples: Annotated[int, typer.Option(help="held-out images to measure on", min=1)] = 256,
+    set: SetOpt = None,
+) -> None:
+    """Per layer, the objective each layer was derived from: R^c, sparsity, R, sparse rate reduction."""
+    from unroll.measure import measure as measure_layers, write
+    from unroll.train import data as datasets
+
+    resolved, model = _built(recipe, checkpoint, set or [])
+    a = resolved.architecture
+    with located(str(recipe)):
+        _, held_out = datasets.split(datasets.load(data or resolved.training.data, a.image_size, a.channels))
+    rows = measure_layers(model, held_out.images[:samples])
+    table = Table(title=f"{resolved.name}: the objective, layer by layer ({min(samples, len(held_out))} held-out images)")
+    for key in rows[0]:
+        table.add_column(key, justify="right")
+    for row in rows:
+        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
+    console.print(table)
+    folder = out or Path("runs") / resolved.name / "measure"
+    csv_path, png_path = write(rows, folder, resolved.name)
+    print(f"wrote {csv_path} and {png_path}")
+
+
+@app.command()
+def attention(
+    recipe: RecipeArg,
+    checkpoint: Annotated[Path, typer.Option(help="model.safetensors")],
+    image: Annotated[Path, typer.Option(help="an image file")],
+    out: Annotated[Path, typer.Option(help="folder for the PNG overlays")],
+    layer: Annotated[int, typer.Option(help="layer to look at, from 1 [default: the last]")] = 0,
+    set: SetOpt = None,
+) -> None:
+    """Save each head's attention of the cls token over the patches as PNG overlays on the image."""
+    from unroll.attention import cls_attention, load_image, save_overlays
+
+    resolved, model = _built(recipe, checkpoint, set or [])
+    a = resolved.architecture
+    picture = load_image(image, a.image_size, a.channels)
+    index = (layer or resolved.architecture.depth) - 1
+    maps = cls_attention(model, picture[None], index)[0]
+    paths = save_overlays(picture, maps, out, a.image_size // a.patch_size)
+    print(f"wrote {len(paths)} images to {out} (layer {index + 1}, {maps.shape[0]} heads)")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)

@@ -71,10 +71,10 @@ class LoweredStep(nn.Module):
         self.program = [(name, lowering.matrix(bound[name])) for name in order]
         self.result = lowering.matrix(out)
 
-    def _env(self, Z: torch.Tensor) -> dict:
+    def _env(self, Z: torch.Tensor, rows: bool | None = None) -> dict:
         """Values by symbol name, 4-D; in the row layout every matrix is held transposed
         (as views: a weight is never copied to be transposed)."""
-        rows = self.rows
+        rows = self.rows if rows is None else rows
         tokens = Z.shape[-2] if rows else Z.shape[-1]
         env: dict = {"Z": Z.unsqueeze(1), "__sizes__": {**self.sizes, "N": tokens}, "__raw__": {}}
         for attr, spec in self.specs.items():

@@ -19,7 +19,7 @@ import sympy as sp
 import torch
 
 from unroll.expr.symbols import N, d
-from unroll.objective.base import Gradient, Term
+from unroll.objective.base import Gradient, logdet_spd, Term
 
 alpha = sp.Symbol("alpha", positive=True)
 
@@ -47,4 +47,4 @@ class CodingRate(Term):
         _, dim, n = Z.shape
         a = dim / (n * self.eps**2)
         eye = torch.eye(n, dtype=Z.dtype, device=Z.device)
-        return 0.5 * torch.logdet(eye + a * Z.mT @ Z)
+        return 0.5 * logdet_spd(eye + a * Z.mT @ Z)

@@ -1,0 +1,119 @@
+"""The cls token's attention over the patches, per head: the emergent segmentation of CRATE.
+
+The similarity a compression step computes is found in its derived update (the ``softmax`` node
+the relaxation introduced) and evaluated on the step's actual input with the plain lowering, so
+this works for any recipe whose layer has a softmax similarity, whatever its other steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unroll.checkpoint import atomic_write
+from unroll.errors import UnrollError
+from unroll.expr.nodes import Softmax
+from unroll.lower.interpret import Lowering
+from unroll.lower.step import _needed
+
+
+def _similarity_step(model):
+    for derived in model.derived:
+        found = list(derived.final.out.atoms(Softmax)) + [
+            a for _, e in derived.final.where if getattr(e, "is_Matrix", False) for a in e.atoms(Softmax)]
+        if found:
+            return derived, found[0]
+    raise UnrollError("this recipe's layer has no softmax similarity (attention) to look at")
+
+
+def cls_attention(model, images: torch.Tensor, layer: int) -> torch.Tensor:
+    """(B, K, L): for each head, the attention weights of the cls token over the L patches
+    in the compression step of ``layer`` (0-based)."""
+    if not model.network.frontend.cls_token:
+        raise UnrollError("the attention of the cls token needs a recipe with cls_token: true")
+    if not 0 <= layer < model.encoder.depth:
+        raise UnrollError(f"--layer must be between 0 and {model.encoder.depth - 1}, found {layer}")
+    derived, softmax = _similarity_step(model)
+    step = model.layer(layer).steps[derived.exact.name]
+    captured: list[torch.Tensor] = []
+    calls = [0]
+
+    def hook(module, args):
+        if calls[0] == layer or len(model.encoder.layers) > 1:
+            captured.append(args[0])
+        calls[0] += 1
+
+    handle = step.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        handle.remove()
+    Z = captured[0].mT if step.rows else captured[0]  # (B, d, N), tokens as columns
+    bound = {s.name: e for s, e in derived.final.where}
+    lowering = Lowering({t.name: t.row_grad() for t in derived.final.smooth_terms})
+    with torch.no_grad():
+        env = step._env(Z, rows=False)
+        for s, e in derived.final.where:
+            if s.name in _needed(softmax, bound):
+                env[s.name] = lowering.matrix(e)(env)
+        similarity = lowering.matrix(softmax)(env)  # (B, K, N, N): column j is token j's weights
+    return similarity[:, :, 1:, 0]
+
+
+def save_overlays(image: torch.Tensor, attention: torch.Tensor, folder: Path, grid: int) -> list[Path]:
+    """One PNG per head (the image with the head's attention over it) and ``heads.png`` with all."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    picture = image.permute(1, 2, 0).numpy()
+    picture = (picture - picture.min()) / max(1e-8, float(picture.max() - picture.min()))
+    size = picture.shape[0]
+    maps = attention.reshape(attention.shape[0], grid, grid).numpy()
+    cells = size // grid
+    written = []
+
+    def draw(ax, k):
+        ax.imshow(picture.squeeze(-1) if picture.shape[-1] == 1 else picture, cmap="gray")
+        ax.imshow(np.kron(maps[k], np.ones((cells, cells))), cmap="inferno", alpha=0.6)
+        ax.set_title(f"head {k + 1}", fontsize=9)
+        ax.axis("off")
+
+    for k in range(maps.shape[0]):
+        fig, ax = plt.subplots(figsize=(3, 3))
+        draw(ax, k)
+        path = folder / f"head_{k + 1}.png"
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+        plt.close(fig)
+        written.append(path)
+    cols = min(4, maps.shape[0])
+    rows = -(-maps.shape[0] // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        draw(ax, k) if k < maps.shape[0] else ax.axis("off")
+    path = folder / "heads.png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+    plt.close(fig)
+    return [*written, path]
+
+
+def load_image(path: str | Path, image_size: int, channels: int) -> torch.Tensor:
+    """(C, H, W) in [0, 1], resized to the recipe's image size."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UnrollError("no such image file", where=str(path))
+    try:
+        with Image.open(path) as img:
+            img = img.convert({1: "L", 3: "RGB"}[channels]).resize((image_size, image_size))
+            array = np.asarray(img, dtype=np.float32) / 255.0
+    except UnidentifiedImageError:
+        raise UnrollError("not a readable image", where=str(path)) from None
+    return torch.from_numpy(array).reshape(image_size, image_size, channels).permute(2, 0, 1)
+
