@@ -1,0 +1,182 @@
+"""unroll train: it learns, it resumes exactly, it runs under torchrun, and bad input gets a clear
+error that never costs a good checkpoint."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from rich.console import Console
+from safetensors.torch import load_file
+
+import unroll.train.loop as loop
+from unroll.cli import main
+from unroll.errors import UnrollError
+from unroll.train.loop import World, rank_share, train
+from unroll.train.optim import Lion, warmup_cosine
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "recipes/crate_digits.yaml"
+SMALL = ["architecture.width=32", "architecture.depth=2"]
+QUIET = Console(file=open(os.devnull, "w"))
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_digits_training_learns_far_above_chance(tmp_path):
+    fast = ["training.epochs=6", "training.warmup_epochs=1", "training.lr=1e-2", "training.shift=0"]
+    rows = train(DIGITS, tmp_path, seed=0, overrides=SMALL + fast, console=QUIET)
+    assert rows[-1]["val_acc"] > 0.6  # chance is 0.1
+    with (tmp_path / "metrics.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0])[:5] == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
+    assert [int(r["epoch"]) for r in table] == list(range(1, 7))
+    assert float(table[-1]["val_acc"]) == pytest.approx(rows[-1]["val_acc"], abs=1e-5)
+
+
+def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, monkeypatch):
+    over = SMALL + ["training.epochs=4"]
+    train(DIGITS, tmp_path / "full", seed=3, overrides=over, console=QUIET)
+    train(DIGITS, tmp_path / "part", seed=3, overrides=over, console=QUIET, stop_after=2)
+    assert json.loads((tmp_path / "part/train_state.json").read_text())["epoch"] == 2
+    evaluated = []
+    real = loop.evaluate
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: evaluated.append(1) or real(*a, **k))
+    rows = train(DIGITS, tmp_path / "part", seed=3, overrides=over, console=QUIET, resume=True)
+    assert len(evaluated) == 2  # only the remaining epochs were trained
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert max_difference(weights(tmp_path / "full"), weights(tmp_path / "part")) < 1e-6
+
+
+def test_each_process_gets_a_disjoint_equal_share_of_every_batch():
+    batch = torch.randperm(64)
+    shares = [rank_share(batch, World(rank, 2)) for rank in range(2)]
+    assert len(shares[0]) == len(shares[1]) == 32
+    assert set(shares[0].tolist()).isdisjoint(shares[1].tolist())
+    assert sorted(torch.cat(shares).tolist()) == sorted(batch.tolist())
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    args = ["-m", "unroll", "train", str(DIGITS), "--device", "cpu", "--set", "training.epochs=1",
+            *[a for s in SMALL for a in ("--set", s)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args,
+                          "--out", str(tmp_path / "ddp")], capture_output=True, text=True, env=env, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert json.loads((tmp_path / "ddp/train_state.json").read_text())["world_size"] == 2
+    assert json.loads((tmp_path / "one/train_state.json").read_text())["world_size"] == 1
+    assert max_difference(weights(tmp_path / "ddp"), weights(tmp_path / "one")) < 1e-5
+
+
+def test_lion_step_is_its_definition():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    opt = Lion([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.5)
+    m = torch.tensor([0.2, -0.3, 0.0])
+    opt.state[p]["exp_avg"] = m.clone()
+    p.grad = torch.tensor([0.5, 1.0, -4.0])
+    expected = torch.tensor([1.0, -2.0, 0.5]) * (1 - 0.1 * 0.5) - 0.1 * torch.sign(0.9 * m + 0.1 * p.grad)
+    opt.step()
+    assert torch.allclose(p.detach(), expected)
+    assert torch.allclose(opt.state[p]["exp_avg"], 0.99 * m + 0.01 * p.grad)
+
+
+def test_warmup_then_cosine():
+    assert warmup_cosine(0, 10, 100) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 100) == pytest.approx(1.0)
+    assert warmup_cosine(55, 10, 100) == pytest.approx(0.5)
+    assert warmup_cosine(100, 10, 100) == pytest.approx(0.0)
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    rc = main(args)
+    return rc, " ".join(capsys.readouterr().err.split())
+
+
+def test_missing_data_directory(tmp_path, capsys):
+    rc, err = run_cli(["train", str(DIGITS), "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and "no such data directory" in err and "nowhere" in err
+
+
+def test_empty_image_folder(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    rc, err = run_cli(["train", str(DIGITS), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and "one sub-folder per class" in err
+
+
+def test_images_with_the_wrong_channel_count(tmp_path, capsys):
+    for c in range(10):
+        folder = tmp_path / "data" / str(c)
+        folder.mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(folder / "a.png")
+    rc, err = run_cli(["train", str(DIGITS), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and "expected 1-channel images" in err and "found 3 channels" in err and "a.png" in err
+
+
+def test_image_folder_trains(tmp_path):
+    for c in range(10):
+        folder = tmp_path / "data" / f"class{c}"
+        folder.mkdir(parents=True)
+        for i in range(8):
+            pixels = np.full((8, 8), 25 * c + i, dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    rows = train(DIGITS, tmp_path / "run", data=str(tmp_path / "data"), overrides=SMALL + ["training.epochs=1", "training.batch_size=16"], console=QUIET)
+    assert len(rows) == 1 and 0 <= rows[0]["val_acc"] <= 1
+
+
+def test_resume_with_another_recipe_is_refused(tmp_path, capsys):
+    train(DIGITS, tmp_path, overrides=SMALL + ["training.epochs=1"], console=QUIET)
+    args = ["train", str(DIGITS), "--out", str(tmp_path), "--resume", "--set", "architecture.width=48", "--set", "architecture.depth=2"]
+    rc, err = run_cli(args, capsys)
+    assert rc == 2 and "another recipe" in err
+
+
+def test_measure_with_a_checkpoint_of_another_recipe(tmp_path, capsys):
+    train(DIGITS, tmp_path, overrides=SMALL + ["training.epochs=1"], console=QUIET)
+    rc, err = run_cli(["measure", str(DIGITS), "--checkpoint", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "m")], capsys)
+    assert rc == 2 and "does not fit the model" in err and "shape mismatches" in err
+
+
+def test_a_crash_while_saving_never_replaces_a_good_checkpoint(tmp_path, monkeypatch, capsys):
+    over = SMALL + ["training.epochs=2"]
+    train(DIGITS, tmp_path, overrides=over, console=QUIET, stop_after=1)
+    good = weights(tmp_path)
+    import unroll.train.state as state
+
+    def broken(tensors, path, *a, **k):
+        Path(path).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(state, "save_file", broken)
+    with pytest.raises(OSError):
+        train(DIGITS, tmp_path, overrides=over, console=QUIET, resume=True)
+    monkeypatch.undo()
+    assert max_difference(weights(tmp_path), good) == 0  # the epoch-1 checkpoint is intact
+    assert not list(tmp_path.glob(".*.tmp"))
+    # a truncated file is detected, not loaded
+    (tmp_path / "train_state.safetensors").write_bytes(b"truncated")
+    rc, err = run_cli(["train", str(DIGITS), "--out", str(tmp_path), "--resume", *[a for s in over for a in ("--set", s)]], capsys)
+    assert rc == 2 and "train_state.safetensors does not match the training state" in err
+
+
+def test_one_pixel_patches_of_one_channel_are_refused(tmp_path, capsys):
+    rc, err = run_cli(["build", str(DIGITS), "--set", "architecture.patch_size=1", "--set", "architecture.patch_norm=true",
+                       "--out", str(tmp_path)], capsys)
+    assert rc == 2 and "single value" in err and "patch LayerNorm" in err
