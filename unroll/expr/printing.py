@@ -42,9 +42,13 @@ class _TextPrinter(StrPrinter):
         coeff, factors = expr.as_coeff_mmul()
         parts = [self.parenthesize(f, 45) for f in factors.args]
         sign = ""
-        if coeff.could_extract_minus_sign():
+        if coeff.could_extract_minus_sign() and not coeff.is_Add:
             sign, coeff = "-", -coeff
-        if coeff != 1:
+        if coeff.is_Add:  # (1 - β κ), constant first, as the papers write it
+            constant, rest = coeff.as_coeff_Add()
+            text = self._print(rest) if constant == 0 else _join_terms([self._print(constant), self._print(rest)])
+            parts.insert(0, f"({text})")
+        elif coeff != 1:
             parts.insert(0, self.parenthesize(coeff, 45))
         return sign + " ".join(parts)
 
