@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import sympy as sp
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
 
 from unroll.derive.inverse import invert_layer
 from unroll.derive.steps import GradientStep, ProximalStep, SynthesisStep
@@ -36,7 +36,7 @@ class _Strict(BaseModel):
 class Architecture(_Strict):
     width: PositiveInt
     heads: PositiveInt
-    head_dim: PositiveInt | None = None
+    head_dim: PositiveInt | None = Field(None, validate_default=True)
     depth: PositiveInt
     tie_layers: bool = False
     image_size: PositiveInt = 224
@@ -51,14 +51,24 @@ class Architecture(_Strict):
     norm_eps: PositiveFloat = 1e-5
     head_norm_eps: PositiveFloat = 1e-5
 
+    @field_validator("head_dim")
+    @classmethod
+    def _head_dim_or_even_heads(cls, head_dim: int | None, info: ValidationInfo) -> int | None:
+        width, heads = info.data.get("width"), info.data.get("heads")
+        if head_dim is None and width is not None and heads is not None and width % heads:
+            raise ValueError(f"heads ({heads}) must divide width ({width}); give head_dim to use other sizes")
+        return head_dim
+
+    @field_validator("patch_size")
+    @classmethod
+    def _patch_divides_image(cls, patch: int, info: ValidationInfo) -> int:
+        image = info.data.get("image_size")
+        if image is not None and image % patch:
+            raise ValueError(f"patch_size ({patch}) must divide image_size ({image})")
+        return patch
+
     @model_validator(mode="after")
     def _check_sizes(self):
-        if self.head_dim is None and self.width % self.heads:
-            raise ValueError(
-                f"heads ({self.heads}) must divide width ({self.width}); give head_dim to use other sizes"
-            )
-        if self.image_size % self.patch_size:
-            raise ValueError(f"patch_size ({self.patch_size}) must divide image_size ({self.image_size})")
         if self.embedding == "conv" and self.patch_norm:
             raise ValueError("patch_norm applies to the linear embedding; set patch_norm: false with embedding: conv")
         if self.positions == "sincos" and self.width % 4:
@@ -113,13 +123,16 @@ class StepSpec(_Strict):
         if not isinstance(value, list):
             raise ValueError(f"expected a list of relaxations, found {value!r}")
         out = []
-        for item in value:
+        for i, item in enumerate(value):
             if isinstance(item, str):
                 item = {item: None}
             if not isinstance(item, dict) or len(item) != 1:
-                raise ValueError(f"each relaxation is a name or a one-key mapping, found {item!r}")
+                raise ValueError(f"item {i}: each relaxation is a name or a one-key mapping, found {item!r}")
             (name, args), = item.items()
-            out.append(_validate_args("relaxation", RELAXATIONS, name, args))
+            try:
+                out.append(_validate_args("relaxation", RELAXATIONS, name, args))
+            except ValueError as e:
+                raise ValueError(f"item {i}: {e}") from None
         return out
 
     @model_validator(mode="after")
