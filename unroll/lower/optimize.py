@@ -9,11 +9,11 @@ into an equal expression with two new nodes, then lowered:
 * :class:`LinearMap` — the terms of a sum that are weight-only products applied to one token
   matrix, ``(c_1 F_1 + c_2 F_2 G_2 + ...) X``. Each call chooses, on its actual shapes, between
   forming the weight-only factor first (one product with the tokens) and applying the factors to
-  the tokens as written. E.g. CRATE's sparse step ``Y + η Dᵀ Y - η Dᵀ D Y`` costs ``2 T d²`` as
-  written and ``d³ + T d²`` hoisted, for T = batch x tokens; with an overcomplete D (m = 4d)
-  forming ``Dᵀ D`` costs ``m² d`` and is rarely worth it. In inference (no autograd), a formed
-  factor is cached until any weight it depends on changes (an optimiser step, ``load_state_dict``
-  and in-place edits all bump a tensor's version).
+  the tokens term by term. E.g. CRATE's sparse step ``Y + η Dᵀ Y - η Dᵀ D Y`` costs ``3 T d²``
+  term by term (``Dᵀ Y`` and ``Dᵀ (D Y)``) and ``d³ + T d²`` hoisted, for T = batch x tokens;
+  with an overcomplete D (m = 4d) forming ``Dᵀ D`` costs ``m² d`` and is rarely worth it. In inference (no autograd), a formed
+  factor is cached until any value it depends on changes (compared by content: an optimiser
+  step, fused or not, ``load_state_dict``, edits through ``.data`` all count).
 
 Sums with ``c 1`` or ``b 1ᵀ`` add a broadcast scalar or column instead of a matrix of ones.
 """
@@ -252,11 +252,14 @@ class OptimizedLowering(Lowering):
         def cached(env: Env) -> torch.Tensor | None:
             if torch.is_grad_enabled() or torch.compiler.is_compiling():
                 return None
-            versions = tuple(_version(_tensor(env, n)) for n in names) + _precision(env["Z"])
+            inputs = [_dependency(env, n) for n in names]
+            precision = _precision(env["Z"])
             hit = self.cache.get(key)
-            if hit is None or hit[0] != versions:
-                self.cache[key] = (versions, factor_of(env))
-            return self.cache[key][1]
+            if hit is not None and hit[2] == precision and _unchanged(hit[0], inputs):
+                return hit[1]
+            factor = factor_of(env)
+            self.cache[key] = ([_snapshot(v) for v in inputs], factor, precision)
+            return factor
 
         def linear(env: Env, bias: torch.Tensor | None = None) -> torch.Tensor:
             x = tokens(env)
@@ -343,6 +346,7 @@ class Gram(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (V,) = ctx.saved_tensors
+        grad = grad.to(V.dtype)  # under autocast the forward ran in lower precision than V
         return (grad + grad.mT) @ V
 
 
@@ -393,12 +397,36 @@ def _precision(x: torch.Tensor) -> tuple:
     return (x.dtype, x.device, autocast)
 
 
-def _tensor(env: Env, name: str) -> torch.Tensor | float:
-    return env["__raw__"].get(name, env.get(name, 0.0))
+def _dependency(env: Env, name: str):
+    """The current value of a symbol a factor is formed from: a weight, a constant, a scalar
+    binding computed this call (which may depend on the token count), or a size."""
+    if name in env["__raw__"]:
+        return env["__raw__"][name]
+    if name in env:
+        return env[name]
+    return env["__sizes__"].get(name)
 
 
-def _version(t) -> tuple:
-    return (t._version, t.data_ptr()) if isinstance(t, torch.Tensor) else (t,)
+def _snapshot(value):
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+
+def _unchanged(saved: list, current: list) -> bool:
+    """Whether every input of a cached factor still has the value it was formed from.
+
+    Compared by content: versions and storage addresses miss fused optimisers, edits through
+    ``.data`` and new tensors that reuse a freed address. Reading the weights costs O(d m), far
+    less than forming the factor again; on GPU it synchronises, so compiled models skip the cache.
+    """
+    for old, new in zip(saved, current):
+        if isinstance(old, torch.Tensor) != isinstance(new, torch.Tensor):
+            return False
+        if isinstance(old, torch.Tensor):
+            if old.shape != new.shape or old.dtype != new.dtype or old.device != new.device or not torch.equal(old, new):
+                return False
+        elif old != new:
+            return False
+    return True
 
 
 def weights_of(update) -> set[str]:
