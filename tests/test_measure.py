@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from rich.console import Console
@@ -83,3 +84,18 @@ def test_cls_attention_is_a_distribution_over_the_tokens():
     weights = cls_attention(model, torch.randn(2, 3, 32, 32), layer=1)
     assert weights.shape == (2, 6, 16)
     assert (weights >= 0).all() and (weights.sum(-1) < 1).all()  # the rest is the cls token's own weight
+
+
+def test_measure_uses_a_learned_threshold():
+    over = ["architecture.width=32", "architecture.depth=2",
+            "layer.1.relax=[{learnable: {constants: [lambda]}}, {pre_norm: {eps: 1.0e-5}}]"]
+    model = unroll.build(load_recipe(DIGITS, over)).eval()
+    images = torch.rand(8, 1, 8, 8)
+    before = measure(model, images)[0]["sparsify: l1"]
+    with torch.no_grad():
+        for layer in model.encoder.layers:  # only the threshold moves: the l1 term must follow it
+            getattr(layer.steps["sparsify"], "lambda").mul_(3.0)
+    after = measure(model, images)[0]
+    # λ ‖z‖₁ per sample, with the learned λ = 0.3 (not the recipe's 0.1): d = 32, N = 17 tokens
+    assert after["sparsify: l1"] == pytest.approx(0.3 * after["l1"] * 32 * 17, rel=1e-6)
+    assert after["sparsify: l1"] != before

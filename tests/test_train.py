@@ -160,16 +160,26 @@ def test_a_crash_while_saving_never_replaces_a_good_checkpoint(tmp_path, monkeyp
     good = weights(tmp_path)
     import unroll.train.state as state
 
-    def broken(tensors, path, *a, **k):
-        Path(path).write_bytes(b"half a file")
-        raise OSError("disk full")
+    real = state.save_file
+    for failing in (1, 2):  # the weights, then the optimiser state, fail to be written
+        calls = []
 
-    monkeypatch.setattr(state, "save_file", broken)
-    with pytest.raises(OSError):
-        train(DIGITS, tmp_path, overrides=over, console=QUIET, resume=True)
-    monkeypatch.undo()
-    assert max_difference(weights(tmp_path), good) == 0  # the epoch-1 checkpoint is intact
-    assert not list(tmp_path.glob(".*.tmp"))
+        def broken(tensors, path, *a, **k):
+            calls.append(path)
+            if len(calls) == failing:
+                Path(path).write_bytes(b"half a file")
+                raise OSError("disk full")
+            return real(tensors, path, *a, **k)
+
+        monkeypatch.setattr(state, "save_file", broken)
+        with pytest.raises(OSError):
+            train(DIGITS, tmp_path, overrides=over, console=QUIET, resume=True)
+        monkeypatch.undo()
+        assert max_difference(weights(tmp_path), good) == 0  # the epoch-1 checkpoint is intact ...
+        assert not list(tmp_path.glob(".*.tmp"))
+        assert json.loads((tmp_path / "train_state.json").read_text())["epoch"] == 1
+    rows = train(DIGITS, tmp_path, overrides=over, console=QUIET, resume=True)  # ... and resumes
+    assert [r["epoch"] for r in rows] == [1, 2]
     # a truncated file is detected, not loaded
     (tmp_path / "train_state.safetensors").write_bytes(b"truncated")
     rc, err = run_cli(["train", str(DIGITS), "--out", str(tmp_path), "--resume", *[a for s in over for a in ("--set", s)]], capsys)

@@ -40,6 +40,8 @@ def _term_value(term: Term, step, update, inputs: torch.Tensor, output: torch.Te
     params = _params(step)
     if isinstance(term, NonNegative):
         return None  # 0 or +inf: the fraction of zeros says more
+    if isinstance(term, L1):  # with the step's λ, which training may have learned
+        return _lam(step, term) * output.abs().flatten(1).sum(-1)
     if isinstance(term, Lasso):
         data, norm = inputs, update.binding("Y")
         if isinstance(norm, LayerNorm):  # the code explains the pre-normalised tokens
@@ -84,7 +86,7 @@ def _row(model, i: int, outputs: dict[str, tuple[torch.Tensor, torch.Tensor]], e
             if isinstance(term, Compression):
                 rc, compression_eps = value.mean().item(), term.eps
             if isinstance(term, L1):
-                lam = term.lam
+                lam = _lam(step, term)
     last = outputs[model.derived[-1].exact.name][1]
     row["zeros"] = (last == 0).double().mean().item()
     row["l1"] = last.abs().mean().item()
@@ -94,6 +96,12 @@ def _row(model, i: int, outputs: dict[str, tuple[torch.Tensor, torch.Tensor]], e
         tokens = last.shape[-1]
         row["sparse rate reduction"] = R - rc - lam * last.abs().sum((-2, -1)).mean().item() / tokens
     return row
+
+
+def _lam(step, term: L1) -> float:
+    """The threshold the step uses: its (possibly learned) ``lambda``, else the term's."""
+    value = getattr(step, "lambda", None)
+    return float(value.detach()) if isinstance(value, torch.Tensor) else term.lam
 
 
 def _parts(on):

@@ -78,7 +78,8 @@ def image_folder(root: str | Path, image_size: int, channels: int) -> Dataset:
                 continue
             try:
                 with Image.open(path) as img:
-                    found = len(img.getbands())
+                    bands = [b for b in img.getbands() if b != "A"]  # transparency is dropped
+                    found = len(bands)
                     if found != channels and not (img.mode == "P" and channels == 3):
                         raise UnrollError(
                             f"expected {channels}-channel images (the recipe's architecture.channels), "

@@ -102,6 +102,9 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
     console = console or Console(stderr=True)
     out = Path(out)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(dev)
     world = _world(dev)
     recipe = load_recipe(recipe_path, overrides or [])
     t, a = recipe.training, recipe.architecture
@@ -135,13 +138,17 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
         record = state.load(out, model, optimizer, scheduler, info["recipe"])
         if record["seed"] != seed:
             raise UnrollError(f"the run was started with --seed {record['seed']}, not {seed}", where=str(out))
+        if record["data"] != info["data"]:
+            raise UnrollError(f"the run was started on --data {record['data']}, not {info['data']}", where=str(out))
         start = record["epoch"]
         rows = _read_metrics(out / "metrics.csv")[:start]
     elif world.main:
         out.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
         atomic_write(out / "recipe.yaml", lambda tmp: Path(tmp).write_text(text))
-    net = torch.nn.parallel.DistributedDataParallel(model) if world.size > 1 else model
+    net = model
+    if world.size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
@@ -182,9 +189,9 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
                    "val_acc": val_acc, "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - began}
             rows.append(row)
             progress.update(task, status=f"loss {row['train_loss']:.3f}  val loss {val_loss:.3f}  val acc {val_acc:.3f}")
-            if world.main:
-                state.save(out, model, optimizer, scheduler, epoch + 1, info)
+            if world.main:  # metrics first: the state is the commit, and a resume re-reads rows up to it
                 _write_metrics(out / "metrics.csv", rows)
+                state.save(out, model, optimizer, scheduler, epoch + 1, info)
     if world.size > 1:
         dist.barrier()
     return rows

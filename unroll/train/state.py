@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from unroll.checkpoint import atomic_write, check_state
+from unroll.checkpoint import check_state
 from unroll.errors import UnrollError
 
 STATE_JSON = "train_state.json"
@@ -30,7 +32,9 @@ def digest(path: Path) -> str:
 
 
 def recipe_digest(recipe) -> str:
-    return hashlib.sha256(json.dumps(recipe.model_dump(mode="json", exclude={"training"}), sort_keys=True).encode()).hexdigest()
+    """Of the whole resolved recipe, training section included: resuming with another schedule,
+    batch size or optimiser would not continue the same run."""
+    return hashlib.sha256(json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
 def _split_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -56,21 +60,39 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], scalars: dict) -> dict:
 
 
 def save(folder: Path, model: torch.nn.Module, optimizer, scheduler, epoch: int, info: dict) -> None:
+    """All three files are written to temporary names first and renamed only when all are
+    complete, the JSON last: a failure while writing leaves the previous checkpoint as it was."""
     folder.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(folder / WEIGHTS, lambda tmp: save_file(weights, tmp))
     tensors, scalars = _split_optimizer(optimizer.state_dict())
     tensors["rng.torch"] = torch.get_rng_state()
-    atomic_write(folder / STATE_TENSORS, lambda tmp: save_file(tensors, tmp))
-    record = {
-        **info,
-        "epoch": epoch,
-        "optimizer": scalars,
-        "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
-        "files": {WEIGHTS: digest(folder / WEIGHTS), STATE_TENSORS: digest(folder / STATE_TENSORS)},
-    }
-    text = json.dumps(record, indent=1)
-    atomic_write(folder / STATE_JSON, lambda tmp: Path(tmp).write_text(text))
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for name, content in ((WEIGHTS, weights), (STATE_TENSORS, tensors)):
+            tmp = _temporary(folder, name)
+            staged.append((tmp, folder / name))
+            save_file(content, str(tmp))
+        record = {
+            **info,
+            "epoch": epoch,
+            "optimizer": scalars,
+            "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
+            "files": {final.name: digest(tmp) for tmp, final in staged},
+        }
+        tmp = _temporary(folder, STATE_JSON)
+        staged.append((tmp, folder / STATE_JSON))
+        tmp.write_text(json.dumps(record, indent=1))
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+
+
+def _temporary(folder: Path, name: str) -> Path:
+    fd, path = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(path)
 
 
 def load(folder: Path, model: torch.nn.Module, optimizer, scheduler, expected_recipe: str) -> dict:
@@ -83,7 +105,8 @@ def load(folder: Path, model: torch.nn.Module, optimizer, scheduler, expected_re
     except json.JSONDecodeError as e:
         raise UnrollError(f"the training state is not valid JSON ({e})", where=str(path)) from None
     if record.get("recipe") != expected_recipe:
-        raise UnrollError("this checkpoint was trained from another recipe (its digest differs)", where=str(path))
+        raise UnrollError("this checkpoint was trained from another recipe: its architecture, objective, layer or "
+                          "training settings differ from the ones given now", where=str(path))
     for name, expected in record.get("files", {}).items():
         file = folder / name
         if not file.is_file() or digest(file) != expected:
