@@ -26,6 +26,9 @@ class Lowering:
     ``smooth_grads``: user term name -> per-sample gradient on rows (B, N, d).
     """
 
+    #: hold every matrix value X as Xᵀ (tokens as rows): the optimised lowering's layout
+    transposed: bool = False
+
     def __init__(self, smooth_grads: dict[str, Callable] | None = None):
         self.smooth_grads = smooth_grads or {}
 
@@ -63,7 +66,7 @@ class Lowering:
 
     def _MatMul(self, e):
         coeff, mm = e.as_coeff_mmul()
-        factors = [self.matrix(f) for f in mm.args]
+        factors = self._factors(mm.args)
         scale = self.scalar(coeff) if coeff != 1 else None
 
         def matmul(env):
@@ -73,6 +76,12 @@ class Lowering:
             return out * scale(env) if scale is not None else out
 
         return matmul
+
+    def _factors(self, args) -> list[Fn]:
+        """The lowered factors of the product ``args``, in evaluation order: transposed,
+        ``(A B)ᵀ = Bᵀ Aᵀ`` is the same product with the factors reversed."""
+        factors = [self.matrix(f) for f in args]
+        return factors[::-1] if self.transposed else factors
 
     def _MatAdd(self, e):
         parts = [self.matrix(a) for a in e.args]
@@ -91,7 +100,8 @@ class Lowering:
         return lambda env: torch.linalg.matrix_power(inner(env), power)
 
     def _constant_matrix(self, e, fill: Callable):
-        rows, cols = (self.scalar(sp.sympify(s)) for s in e.shape)
+        shape = e.shape[::-1] if self.transposed else e.shape
+        rows, cols = (self.scalar(sp.sympify(s)) for s in shape)
 
         def make(env):
             ref = env["Z"]
@@ -115,19 +125,23 @@ class Lowering:
         if coeff == 1 and isinstance(first, sp.MatrixSymbol) and is_per_head(first) and len(mm.args) > 1:
             # Σ_k P_k X_k in one contraction, without materialising the K per-head products
             head, rest = self.matrix(first), self.matrix(sp.MatMul(*mm.args[1:]))
+            if self.transposed:  # (Σ_k P_k X_k)ᵀ = Σ_k X_kᵀ P_kᵀ
+                return lambda env: torch.einsum("bknp,xkpd->bnd", rest(env), head(env)).unsqueeze(1)
             return lambda env: torch.einsum("xkdp,bkpn->bdn", head(env), rest(env)).unsqueeze(1)
         body = self.matrix(e.arg)
         return lambda env: body(env).sum(1, keepdim=True)
 
     def _Softmax(self, e: Softmax):
         inner = self.matrix(e.arg)
+        dim = -1 if self.transposed else -2  # over each column j, or each row j when transposed
         if not e.causal:
-            return lambda env: torch.softmax(inner(env), dim=-2)
+            return lambda env: torch.softmax(inner(env), dim=dim)
 
         def causal(env):
             x = inner(env)
-            later = torch.ones(x.shape[-2:], dtype=torch.bool, device=x.device).tril(-1)  # i > j
-            return torch.softmax(x.masked_fill(later, float("-inf")), dim=-2)
+            ones = torch.ones(x.shape[-2:], dtype=torch.bool, device=x.device)
+            later = ones.triu(1) if self.transposed else ones.tril(-1)  # entries with i > j
+            return torch.softmax(x.masked_fill(later, float("-inf")), dim=dim)
 
         return causal
 
@@ -163,6 +177,8 @@ class Lowering:
         def norm(env):
             x = inner(env)
             raw = env["__raw__"]
+            if self.transposed:  # tokens are rows already
+                return F.layer_norm(x, (x.shape[-1],), raw[w], raw[b], eps)
             return F.layer_norm(x.mT, (x.shape[-2],), raw[w], raw[b], eps).mT
 
         return norm
@@ -172,8 +188,9 @@ class Lowering:
 
         def smooth_grad(env):
             x = inner(env)
-            b, h, rows, cols = x.shape
-            return grad(x.reshape(b * h, rows, cols).mT).mT.reshape(b, h, rows, cols)
+            rows = x if self.transposed else x.mT  # the user's function takes tokens as rows
+            g = grad(rows.flatten(0, 1)).unflatten(0, rows.shape[:2])
+            return g if self.transposed else g.mT
 
         return smooth_grad
 

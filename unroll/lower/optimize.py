@@ -141,75 +141,21 @@ class OptimizedLowering(Lowering):
     (tokens as rows, (batch|1, heads|1, cols, rows)), the layout attention and LayerNorm kernels
     want, so that no activation is ever transposed. ``(A B)ᵀ = Bᵀ Aᵀ`` reverses products."""
 
-    def __init__(self, smooth_grads, sizes: dict[str, int], weights: set[str]):
+    transposed = True
+
+    def __init__(self, smooth_grads, sizes: dict[str, int]):
         super().__init__(smooth_grads)
         self.sizes = sizes
-        self.weights = weights
-        #: LinearMap factor cache: node key -> (versions of the tensors it was formed from, factor)
-        self.cache: dict[int, tuple[tuple, torch.Tensor]] = {}
+        #: LinearMap factor cache: node key -> (the inputs it was formed from, factor, precision)
+        self.cache: dict[int, tuple[list, torch.Tensor, tuple]] = {}
 
-    # the generic nodes, transposed -------------------------------------------------------
-    def _MatMul(self, e):
-        coeff, mm = e.as_coeff_mmul()
-        factors = [self._gram(g) if isinstance(g, _Gram) else self.matrix(g) for g in reversed(_grams(mm.args))]
-        scale = self.scalar(coeff) if coeff != 1 else None
-
-        def matmul(env):
-            out = factors[0](env)
-            for f in factors[1:]:
-                out = matmul4(out, f(env))
-            return out * scale(env) if scale is not None else out
-
-        return matmul
+    def _factors(self, args) -> list[Fn]:
+        factors = [self._gram(g) if isinstance(g, _Gram) else self.matrix(g) for g in _grams(args)]
+        return factors[::-1]
 
     def _gram(self, g: "_Gram") -> Fn:
         inner = self.matrix(g.arg)  # holds Aᵀ, so AᵀA = inner innerᵀ
         return lambda env: Gram.apply(inner(env))
-
-    def _constant_matrix(self, e, fill: Callable):
-        return super()._constant_matrix(sp.ZeroMatrix(e.shape[1], e.shape[0]), fill)
-
-    def _HeadSum(self, e: HeadSum):
-        coeff, mm = e.arg.as_coeff_mmul() if isinstance(e.arg, sp.MatMul) else (sp.Integer(1), None)
-        first = mm.args[0] if mm is not None else None
-        if coeff == 1 and isinstance(first, sp.MatrixSymbol) and is_per_head(first) and len(mm.args) > 1:
-            head, rest = self.matrix(first), self.matrix(sp.MatMul(*mm.args[1:]))
-            return lambda env: torch.einsum("bknp,xkpd->bnd", rest(env), head(env)).unsqueeze(1)
-        body = self.matrix(e.arg)
-        return lambda env: body(env).sum(1, keepdim=True)
-
-    def _Softmax(self, e: Softmax):
-        inner = self.matrix(e.arg)
-        if not e.causal:
-            return lambda env: torch.softmax(inner(env), dim=-1)
-
-        def causal(env):
-            x = inner(env)  # held transposed: row j, column i; mask i > j
-            later = torch.ones(x.shape[-2:], dtype=torch.bool, device=x.device).triu(1)
-            return torch.softmax(x.masked_fill(later, float("-inf")), dim=-1)
-
-        return causal
-
-    def _LayerNorm(self, e):
-        inner, eps = self.matrix(e.arg), float(e.eps)
-        w, b = e.weight.name, e.bias.name
-
-        def norm(env):
-            x = inner(env)
-            raw = env["__raw__"]
-            return F.layer_norm(x, (x.shape[-1],), raw[w], raw[b], eps)
-
-        return norm
-
-    def _SmoothGrad(self, e):
-        inner, grad = self.matrix(e.arg), self.smooth_grads[e.term]
-
-        def smooth_grad(env):
-            x = inner(env)
-            b, h, n, d = x.shape
-            return grad(x.reshape(b * h, n, d)).reshape(b, h, n, d)
-
-        return smooth_grad
 
     # the optimised nodes ---------------------------------------------------------------------
     def _Attention(self, e: Attention) -> Fn:

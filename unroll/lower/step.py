@@ -65,7 +65,7 @@ class LoweredStep(nn.Module):
             out = optimize_expr(out, bound, weights)
             bound = {name: optimize_expr(e, bound, weights) for name, e in bound.items()}
             order = [name for name in order if name in _needed(out, bound)]
-            lowering = OptimizedLowering(grads, sizes, weights)
+            lowering = OptimizedLowering(grads, sizes)
         else:
             lowering = Lowering(grads)
         self.program = [(name, lowering.matrix(bound[name])) for name in order]
