@@ -97,26 +97,26 @@ def reference_param_count(cfg: CrateConfig) -> int:
     return sum(t.numel() for t in random_reference_state_dict(cfg).values())
 
 
-def _ln(x: torch.Tensor, sd: dict, prefix: str) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), sd[f"{prefix}.weight"], sd[f"{prefix}.bias"], LN_EPS)
+def _ln(x: torch.Tensor, sd: dict, prefix: str, eps: float = LN_EPS) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), sd[f"{prefix}.weight"], sd[f"{prefix}.bias"], eps)
 
 
-def _mssa(x: torch.Tensor, sd: dict, p: str, cfg: CrateConfig) -> torch.Tensor:
+def _mssa(x: torch.Tensor, sd: dict, p: str, cfg: CrateConfig, bias: bool = True) -> torch.Tensor:
     w = F.linear(x, sd[f"{p}.qkv.weight"])  # (B, N, heads*dim_head), no bias
     w = rearrange(w, "b n (h d) -> b h n d", h=cfg.heads)
     dots = torch.matmul(w, w.transpose(-1, -2)) * cfg.dim_head**-0.5
     attn = dots.softmax(dim=-1)
     out = torch.matmul(attn, w)
     out = rearrange(out, "b h n d -> b n (h d)")
-    return F.linear(out, sd[f"{p}.to_out.0.weight"], sd[f"{p}.to_out.0.bias"])
+    return F.linear(out, sd[f"{p}.to_out.0.weight"], sd[f"{p}.to_out.0.bias"] if bias else None)
 
 
-def _ista(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _ista(x: torch.Tensor, weight: torch.Tensor, lambd: float = ISTA_LAMBD) -> torch.Tensor:
     # literal copy of the reference OvercompleteISTAFC / ISTA block forward
     x1 = F.linear(x, weight, bias=None)
     grad_1 = F.linear(x1, weight.t(), bias=None)
     grad_2 = F.linear(x, weight.t(), bias=None)
-    grad_update = ISTA_STEP_SIZE * (grad_2 - grad_1) - ISTA_STEP_SIZE * ISTA_LAMBD
+    grad_update = ISTA_STEP_SIZE * (grad_2 - grad_1) - ISTA_STEP_SIZE * lambd
     return F.relu(x + grad_update)
 
 

@@ -1,35 +1,18 @@
 """Independent eager references of CRATE-alpha and CRATE-MAE (reference sections 4 and 5), written
 from the reference description and operating on state_dicts with the reference key names.
-Deliberately does not import `unroll`.
+Shares the CRATE pieces of `reference_crate`; deliberately does not import `unroll`.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from reference_crate import CrateConfig, _ista, _ln, _mssa
 
 
-@dataclass
-class Config:
-    image_size: int = 32
-    patch_size: int = 8
-    channels: int = 3
-    dim: int = 48
-    heads: int = 4
-    depth: int = 2
-    num_classes: int = 10
-
-    @property
-    def dim_head(self) -> int:
-        return self.dim // self.heads
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+Config = CrateConfig  # the same small sizes: image 32, patch 8, width 48, 4 heads, depth 2
 
 
 def _random(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
@@ -49,17 +32,6 @@ def _random(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Te
         else:
             sd[name] = 0.5 * x
     return sd
-
-
-def _ln(x, sd, prefix, eps):
-    return F.layer_norm(x, (x.shape[-1],), sd[f"{prefix}.weight"], sd[f"{prefix}.bias"], eps)
-
-
-def _attention(x, sd, p, cfg, bias: bool):
-    w = rearrange(F.linear(x, sd[f"{p}.qkv.weight"]), "b n (h d) -> b h n d", h=cfg.heads)
-    attn = (w @ w.transpose(-1, -2) * cfg.dim_head**-0.5).softmax(dim=-1)
-    out = rearrange(attn @ w, "b h n d -> b n (h d)")
-    return F.linear(out, sd[f"{p}.to_out.0.weight"], sd[f"{p}.to_out.0.bias"] if bias else None)
 
 
 # ---------------------------------------------------------------- CRATE-alpha (section 5) ----
@@ -103,7 +75,7 @@ def alpha_forward(sd: dict, cfg: Config, images: torch.Tensor) -> torch.Tensor:
     x = torch.cat([sd["cls_token"].expand(x.shape[0], -1, -1), x], dim=1) + sd["pos_embedding"]
     for i in range(cfg.depth):
         pre = f"transformer.layers.{i}"
-        x = x + _attention(_ln(x, sd, f"{pre}.0.norm", 1e-6), sd, f"{pre}.0.fn", cfg, bias=False)
+        x = x + _mssa(_ln(x, sd, f"{pre}.0.norm", 1e-6), sd, f"{pre}.0.fn", cfg, bias=False)
         x = x + _odl(_ln(x, sd, f"{pre}.1.norm", 1e-6), sd[f"{pre}.1.fn.D"], sd[f"{pre}.1.fn.D1"])
     return F.linear(_ln(x[:, 0], sd, "mlp_head.0", 1e-5), sd["mlp_head.1.weight"], sd["mlp_head.1.bias"])
 
@@ -180,15 +152,13 @@ def mae_forward(sd: dict, cfg: Config, images: torch.Tensor, mask_ratio: float, 
     x = torch.cat([x[:, :1], x_], dim=1) + sd["decoder_pos_embed"]
     for i in range(cfg.depth):
         pre = f"blocks.{i}.layers.0"
-        x = x + _attention(_ln(x, sd, f"{pre}.0.norm", 1e-5), sd, f"{pre}.0.fn", cfg, bias=True)
-        u = _ln(x, sd, f"{pre}.1.norm", 1e-5)
-        W = sd[f"{pre}.1.fn.weight"]
-        x = F.relu(u + 0.1 * (F.linear(u, W.T) - F.linear(F.linear(u, W), W.T)) - 0.1 * 0.5)
+        x = x + _mssa(_ln(x, sd, f"{pre}.0.norm", 1e-5), sd, f"{pre}.0.fn", cfg, bias=True)
+        x = _ista(_ln(x, sd, f"{pre}.1.norm", 1e-5), sd[f"{pre}.1.fn.weight"], lambd=0.5)  # CRATE-MAE's λ
     x = _ln(x, sd, "norm", 1e-6)
     for i in range(cfg.depth):
         pre = f"decoder_blocks.{i}.layers.0"
         z = F.linear(_ln(x, sd, f"{pre}.0.norm", 1e-5), sd[f"{pre}.0.fn.weight"])
-        x = z - _attention(_ln(z, sd, f"{pre}.1.norm", 1e-5), sd, f"{pre}.1.fn", cfg, bias=True)
+        x = z - _mssa(_ln(z, sd, f"{pre}.1.norm", 1e-5), sd, f"{pre}.1.fn", cfg, bias=True)
     x = _ln(x, sd, "decoder_norm", 1e-6)
     pred = F.linear(x, sd["decoder_pred.weight"], sd["decoder_pred.bias"])[:, 1:]
     target = rearrange(images, "n c (h p) (w q) -> n (h w) (p q c)", p=p, q=p)
