@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from unroll.summary import flop_counter
+from unroll.summary import forward_flops
 
 # dense peak TFLOP/s by device name fragment and dtype, for the fraction of peak on GPU
 PEAK_TFLOPS = {"H100": {torch.bfloat16: 989.0, torch.float32: 67.0}, "H200": {torch.bfloat16: 989.0, torch.float32: 67.0},
@@ -140,7 +140,7 @@ def run(recipe: Path, overrides: list[str], batch: int, device: str, repeats: in
         plain, fast = build_pair(recipe, case_overrides, device)
         tokens = plain.network.frontend.tokens
         times = compare(plain, fast, batch, device, repeats, train, dtype)
-        flops = {"a": forward_flops(plain, batch, device), "b": forward_flops(fast, batch, device)}
+        flops = {tag: forward_flops(model, _inputs(model, batch, device)) for tag, model in (("a", plain), ("b", fast))}
         row = {"case": label, "tokens": tokens, "batch": batch}
         for tag in ("a", "b"):
             fwd = statistics.median(times[f"{tag}_forward"])
@@ -173,18 +173,6 @@ def _quiet_stderr():
     finally:
         os.dup2(saved, 2)
         os.close(saved)
-
-
-def forward_flops(model, batch: int, device: str) -> int:
-    """FLOPs of one warm inference forward of ``batch`` images, as torch's counter sees them
-    (cached weight-only factors are not recomputed, so they are not counted)."""
-    images = _inputs(model, batch, device)
-    counter = flop_counter()
-    with torch.inference_mode():
-        model(images)
-        with counter:
-            model(images)
-    return counter.get_total_flops()
 
 
 def device_peak_tflops(device: str, dtype: torch.dtype) -> float | None:
