@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 
 import unroll.train.loop as loop
 from unroll.cli import main
-from unroll.errors import UnrollError
 from unroll.train.loop import World, rank_share, train
 from unroll.train.optim import Lion, warmup_cosine
 

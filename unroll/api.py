@@ -8,7 +8,7 @@ import torch
 
 from unroll.checkpoint import load_weights
 from unroll.errors import located
-from unroll.lower.model import WhiteBoxClassifier, lower_network
+from unroll.lower.model import lower_network
 from unroll.network import Network
 from unroll.recipe import Recipe, load_recipe, to_network
 

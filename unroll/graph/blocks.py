@@ -17,7 +17,7 @@ import sympy as sp
 from unroll.derive.update import Update
 from unroll.errors import UnrollError
 from unroll.expr.printing import to_text
-from unroll.expr.symbols import SIZES, Z, d, m
+from unroll.expr.symbols import SIZES, d, m
 
 
 @dataclass

@@ -20,7 +20,6 @@ Sums with ``c 1`` or ``b 1ᵀ`` add a broadcast scalar or column instead of a ma
 
 from __future__ import annotations
 
-from collections.abc import Callable
 
 import sympy as sp
 import torch
