@@ -195,6 +195,14 @@ class Lowering:
         return smooth_grad
 
 
+def size_value(expr: sp.Expr, sizes: dict[str, int]) -> int:
+    """The integer a size expression (``d``, ``K p``, ``m``) takes for the given sizes."""
+    value = sp.sympify(expr).xreplace({sp.Symbol(k, positive=True, integer=True): sp.Integer(v) for k, v in sizes.items()})
+    if not value.is_Integer:
+        raise ValueError(f"the size {expr} is not fixed by {sorted(sizes)}")
+    return int(value)
+
+
 def matmul4(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` for 4-D values (batch|1, heads|1, rows, cols) without copying a weight once per
     sample (which broadcasting ``@`` does): a weight meets the tokens as one folded product."""

@@ -20,15 +20,13 @@ Sums with ``c 1`` or ``b 1ᵀ`` add a broadcast scalar or column instead of a ma
 
 from __future__ import annotations
 
-
 import sympy as sp
 import torch
 import torch.nn.functional as F
 from sympy import Basic, MatrixExpr
 
 from unroll.expr.nodes import HeadSum, Softmax, is_per_head
-from unroll.expr.printing import to_text
-from unroll.lower.interpret import Env, Fn, Lowering, _sum, matmul4
+from unroll.lower.interpret import Env, Fn, Lowering, _sum, matmul4, size_value
 from unroll.relax.tidy import matmul_factors
 
 
@@ -186,8 +184,8 @@ class OptimizedLowering(Lowering):
         terms = [matmul_factors(t) for t in (M.args if isinstance(M, sp.MatAdd) else (M,))]
         coeffs = [self.scalar(c) for c, _ in terms]
         chains = [[self.matrix(f) for f in fs if not isinstance(f, sp.Identity)] for _, fs in terms]
-        shapes = [[tuple(self._int(s) for s in f.shape) for f in fs if not isinstance(f, sp.Identity)] for _, fs in terms]
-        rows, cols = (self._int(s) for s in M.shape)
+        shapes = [[tuple(size_value(s, self.sizes) for s in f.shape) for f in fs if not isinstance(f, sp.Identity)] for _, fs in terms]
+        rows, cols = (size_value(s, self.sizes) for s in M.shape)
         # products as written: each factor meets the T tokens; hoisted: the weight chains, then one
         form_cost = sum(_chain_cost(s) for s in shapes)
         written_per_token = sum(sum(r * c for r, c in s) for s in shapes)
@@ -248,13 +246,6 @@ class OptimizedLowering(Lowering):
             return _sum([out, *(f(env) for f in rest)])
 
         return fused_sum
-
-    def _int(self, size: sp.Expr) -> int:
-        value = sp.sympify(size).xreplace({sp.Symbol(k, positive=True, integer=True): sp.Integer(v) for k, v in self.sizes.items()})
-        if not value.is_Integer:
-            raise ValueError(f"the weight-only factor has a size that depends on the tokens: {to_text(size)}")
-        return int(value)
-
 
 class _Gram:
     """``Aᵀ A`` found in a product (a marker, not an expression node)."""

@@ -9,24 +9,20 @@ import torch
 from torch import nn
 
 from unroll.derive.update import Update
-from unroll.lower.interpret import Lowering
+from unroll.lower.interpret import Lowering, size_value
 from unroll.lower.optimize import OptimizedLowering, optimize_expr, weights_of
 from unroll.objective.base import ParamSpec
 
 
-def _size(expr: sp.Expr, sizes: dict[str, int]) -> int:
-    return int(sp.sympify(expr).xreplace({sp.Symbol(k, positive=True, integer=True): v for k, v in sizes.items()}))
-
-
 def init_param(spec: ParamSpec, sizes: dict[str, int]) -> torch.Tensor:
-    rows, cols = _size(spec.rows, sizes), _size(spec.cols, sizes)
+    rows, cols = size_value(spec.rows, sizes), size_value(spec.cols, sizes)
     shape = ((sizes["K"],) if spec.per_head else ()) + ((rows,) if cols == 1 else (rows, cols))
     kind = spec.init[0]
     if kind == "ones":
         return torch.ones(shape)
     if kind == "zeros":
         return torch.zeros(shape)
-    fan_in = _size(spec.init[1], sizes)
+    fan_in = size_value(spec.init[1], sizes)
     bound = 1 / math.sqrt(fan_in) if kind == "uniform" else math.sqrt(6 / fan_in)
     return torch.empty(shape).uniform_(-bound, bound)
 
