@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from unroll.checkpoint import atomic_write
+from unroll.derive.update import used_names
 from unroll.errors import UnrollError
 from unroll.expr.nodes import Softmax
 from unroll.lower.interpret import Lowering
-from unroll.lower.step import _needed
 
 
 def _similarity_step(model):
@@ -56,8 +56,9 @@ def cls_attention(model, images: torch.Tensor, layer: int) -> torch.Tensor:
     lowering = Lowering({t.name: t.row_grad() for t in derived.final.smooth_terms})
     with torch.no_grad():
         env = step._env(Z, rows=False)
+        used = used_names(softmax, bound)
         for s, e in derived.final.where:
-            if s.name in _needed(softmax, bound):
+            if s.name in used:
                 env[s.name] = lowering.matrix(e)(env)
         similarity = lowering.matrix(softmax)(env)  # (B, K, N, N): column j is token j's weights
     return similarity[:, :, 1:, 0]

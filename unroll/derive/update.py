@@ -80,6 +80,18 @@ def _coeff_of(term: sp.Basic) -> tuple[sp.Expr, sp.Basic]:
     return sp.Integer(1), term
 
 
+def used_names(expr: sp.Basic, bound: dict[str, sp.Basic]) -> set[str]:
+    """Names of the symbols ``expr`` uses, directly or through the bindings ``bound`` (by name)."""
+    used: set[str] = set()
+    stack = [expr]
+    while stack:
+        for atom in stack.pop().atoms(sp.Symbol, sp.MatrixSymbol):
+            if atom.name in bound and atom.name not in used:
+                stack.append(bound[atom.name])
+            used.add(atom.name)
+    return used
+
+
 def merge_params(*groups: tuple[ParamSpec, ...]) -> tuple[ParamSpec, ...]:
     """Union of parameter lists, by name, keeping first-seen order."""
     seen: dict[str, ParamSpec] = {}

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import math
 
-import sympy as sp
 import torch
 from torch import nn
 
-from unroll.derive.update import Update
+from unroll.derive.update import Update, used_names
 from unroll.lower.interpret import Lowering, size_value
 from unroll.lower.optimize import OptimizedLowering, optimize_expr, weights_of
 from unroll.objective.base import ParamSpec
@@ -60,7 +59,8 @@ class LoweredStep(nn.Module):
             weights = weights_of(update)
             out = optimize_expr(out, bound, weights)
             bound = {name: optimize_expr(e, bound, weights) for name, e in bound.items()}
-            order = [name for name in order if name in _needed(out, bound)]
+            used = used_names(out, bound)
+            order = [name for name in order if name in used]
             lowering = OptimizedLowering(grads, sizes)
         else:
             lowering = Lowering(grads)
@@ -92,15 +92,3 @@ class LoweredStep(nn.Module):
         for name, fn in self.program:
             env[name] = fn(env)
         return self.result(env).squeeze(1)
-
-
-def _needed(out: sp.Basic, bound: dict[str, sp.Basic]) -> set[str]:
-    """Binding names ``out`` uses, directly or through other bindings."""
-    needed: set[str] = set()
-    stack = [out]
-    while stack:
-        for atom in stack.pop().atoms(sp.Symbol, sp.MatrixSymbol):
-            if atom.name in bound and atom.name not in needed:
-                needed.add(atom.name)
-                stack.append(bound[atom.name])
-    return needed

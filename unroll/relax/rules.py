@@ -13,7 +13,7 @@ from pydantic import ConfigDict, Field
 
 import sympy as sp
 
-from unroll.derive.update import Update, merge_params
+from unroll.derive.update import Update, merge_params, used_names
 from unroll.errors import UnrollError
 from unroll.expr.nodes import HeadSum, LayerNorm, Softmax, is_per_head
 from unroll.expr.printing import to_text
@@ -301,15 +301,7 @@ def apply_all(update: Update, relaxations) -> list[tuple[object, Update]]:
 
 def prune(update: Update) -> Update:
     """Drop bindings and constants the output no longer uses (e.g. ``beta`` once absorbed)."""
-    bound = {s.name: (s, e) for s, e in update.where}
-    needed: set[str] = set()
-    stack = [update.out]
-    while stack:
-        for atom in stack.pop().atoms(sp.Symbol, sp.MatrixSymbol):
-            name = atom.name
-            if name in bound and name not in needed:
-                stack.append(bound[name][1])
-            needed.add(name)
+    needed = used_names(update.out, {s.name: e for s, e in update.where})
     return update.evolve(
         where=tuple((s, e) for s, e in update.where if s.name in needed),
         constants={k: v for k, v in update.constants.items() if k in needed},
