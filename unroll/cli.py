@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -34,9 +33,9 @@ def build(
     """Validate, derive, lower; print a summary; write model.safetensors and the resolved recipe."""
     import torch
 
-    from unroll.checkpoint import atomic_write, save_weights
+    from unroll.checkpoint import save_weights
     from unroll.lower.model import lower_network
-    from unroll.recipe import load_recipe, to_network
+    from unroll.recipe import load_recipe, to_network, write_recipe
     from unroll.summary import flops_per_sample, parameter_count, step_rows
 
     start = time.perf_counter()
@@ -59,8 +58,7 @@ def build(
         console.print("torch.compile: compiled and ran one forward")
     folder = out or Path("build") / resolved.name
     save_weights(model.state_dict(), folder / "model.safetensors")
-    text = yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False)
-    atomic_write(folder / "recipe.yaml", lambda tmp: Path(tmp).write_text(text))
+    write_recipe(resolved, folder / "recipe.yaml")
     console.print(f"wrote {folder / 'model.safetensors'} and {folder / 'recipe.yaml'} ({time.perf_counter() - start:.1f} s)")
 
 

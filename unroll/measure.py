@@ -15,14 +15,12 @@ after it, so a model that is not being measured runs exactly as built.
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from unroll.checkpoint import atomic_write
+from unroll.checkpoint import atomic_write, write_csv
 from unroll.expr.nodes import LayerNorm
 from unroll.objective import L1, CodingRate, Compression, Lasso, NonNegative
 from unroll.objective.base import Term
@@ -108,15 +106,6 @@ def _parts(on):
     return on._as_objective().parts if isinstance(on, Term) else on.parts
 
 
-def to_csv(rows: list[dict[str, float]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    return buffer.getvalue()
-
-
 def write(rows: list[dict[str, float]], folder: Path, title: str) -> tuple[Path, Path]:
     """``measure.csv`` and ``measure.png`` (each quantity against depth) in ``folder``."""
     import matplotlib
@@ -125,8 +114,7 @@ def write(rows: list[dict[str, float]], folder: Path, title: str) -> tuple[Path,
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    text = to_csv(rows)
-    atomic_write(folder / "measure.csv", lambda tmp: Path(tmp).write_text(text))
+    write_csv(folder / "measure.csv", rows)
     keys = [k for k in rows[0] if k != "layer"]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.0), squeeze=False)
     depth = [r["layer"] for r in rows]

@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from unroll.checkpoint import write_text
 from unroll.errors import UnrollError
 from unroll.recipe.schema import Recipe
 
@@ -75,3 +76,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         except (IndexError, ValueError, TypeError, AttributeError) as e:
             raise UnrollError(f"cannot apply --set: {e}", where=str(path)) from None
     return parse_recipe(data, str(path))
+
+
+def write_recipe(recipe: Recipe, path: Path) -> None:
+    """The resolved recipe as YAML (every default spelled out), written atomically."""
+    write_text(path, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))

@@ -10,7 +10,6 @@ the averaged gradient is the single-process gradient of the global batch.
 from __future__ import annotations
 
 import csv
-import io
 import os
 import time
 from dataclasses import dataclass
@@ -19,11 +18,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from unroll.checkpoint import atomic_write
+from unroll.checkpoint import write_csv
 from unroll.errors import UnrollError, located
 from unroll.train import data as datasets
 from unroll.train import state
@@ -97,7 +95,7 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
     ``stop_after``: leave after this many epochs of this run (to test resuming).
     """
     from unroll.api import build
-    from unroll.recipe import load_recipe
+    from unroll.recipe import load_recipe, write_recipe
 
     console = console or Console(stderr=True)
     out = Path(out)
@@ -143,9 +141,7 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
         start = record["epoch"]
         rows = _read_metrics(out / "metrics.csv")[:start]
     elif world.main:
-        out.mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
-        atomic_write(out / "recipe.yaml", lambda tmp: Path(tmp).write_text(text))
+        write_recipe(recipe, out / "recipe.yaml")
     net = model
     if world.size > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -190,20 +186,11 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
             rows.append(row)
             progress.update(task, status=f"loss {row['train_loss']:.3f}  val loss {val_loss:.3f}  val acc {val_acc:.3f}")
             if world.main:  # metrics first: the state is the commit, and a resume re-reads rows up to it
-                _write_metrics(out / "metrics.csv", rows)
+                write_csv(out / "metrics.csv", rows, METRICS)
                 state.save(out, model, optimizer, scheduler, epoch + 1, info)
     if world.size > 1:
         dist.barrier()
     return rows
-
-
-def _write_metrics(path: Path, rows: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=METRICS)
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
 
 
 def _read_metrics(path: Path) -> list[dict]:
