@@ -13,7 +13,7 @@ import os
 import statistics
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -67,7 +67,7 @@ def build_pair(recipe: Path, overrides: list[str], device: str):
 def compare(plain, fast, batch: int, device: str, repeats: int, train: bool, dtype: torch.dtype | None = None) -> dict[str, list[float]]:
     """Alternate a and b: forward in inference mode, and a training step with AdamW."""
     images = _inputs(plain, batch, device)
-    autocast = torch.autocast(device.split(":")[0], dtype=dtype) if dtype else _null()
+    autocast = _autocast(device, dtype)
     times: dict[str, list[float]] = {"a_forward": [], "b_forward": [], "a_train": [], "b_train": []}
     optimizers = {m: torch.optim.AdamW(m.parameters(), lr=1e-5) for m in (plain, fast)} if train else {}
 
@@ -97,12 +97,9 @@ def compare(plain, fast, batch: int, device: str, repeats: int, train: bool, dty
     return times
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def _autocast(device: str, dtype: torch.dtype | None):
+    """Autocast to ``dtype`` on the device's type, or nothing."""
+    return torch.autocast(device.split(":")[0], dtype=dtype) if dtype else nullcontext()
 
 
 def peak_forward_mib(model, batch: int, device: str, dtype: torch.dtype | None = None) -> float:
@@ -110,7 +107,7 @@ def peak_forward_mib(model, batch: int, device: str, dtype: torch.dtype | None =
     held before it: the CUDA allocator's peak on GPU; on CPU the running sum, in time order, of
     what each operator allocates and frees as the torch profiler accounts it."""
     images = _inputs(model, batch, device)
-    autocast = torch.autocast(device.split(":")[0], dtype=dtype) if dtype else _null()
+    autocast = _autocast(device, dtype)
     with torch.inference_mode(), autocast:
         model(images)  # warm: weight-only factors are formed and cached here
         if device.startswith("cuda"):
