@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unroll.checkpoint import atomic_write
+from unroll.files import atomic_write
 from unroll.derive.update import used_names
 from unroll.errors import UnrollError
 from unroll.expr.nodes import Softmax

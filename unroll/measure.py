@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from unroll.checkpoint import atomic_write, write_csv
+from unroll.files import atomic_write, write_csv
 from unroll.expr.nodes import LayerNorm
 from unroll.objective import L1, CodingRate, Compression, Lasso, NonNegative
 from unroll.objective.base import Term

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from unroll.checkpoint import write_text
+from unroll.files import write_text
 from unroll.errors import UnrollError
 from unroll.recipe.schema import Recipe
 

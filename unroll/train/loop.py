@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from unroll.checkpoint import write_csv
+from unroll.files import write_csv
 from unroll.errors import UnrollError, located
 from unroll.train import data as datasets
 from unroll.train import state
