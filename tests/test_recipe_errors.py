@@ -57,7 +57,7 @@ CASES = [
     pytest.param(("text", syntax_error), [], ["YAML syntax error", "line 11", "expected"], id="yaml-syntax-error"),
     pytest.param(put("architecture.widht", 384), [], ["architecture.widht", "unknown field"], id="unknown-field"),
     pytest.param(put("architecture.width", "wide"), [], ["architecture.width", "valid integer", "'wide'"], id="wrong-type"),
-    pytest.param(put("architecture.depth", -3), [], ["architecture.depth", "greater than 0", "-3"], id="negative-depth"),
+    pytest.param(put("architecture.depth", -3), [], ["architecture.depth", ("greater than 0", "greater than or equal to 1"), "-3"], id="negative-depth"),
     pytest.param(put("architecture.heads", 5), [], ["heads", "must divide", "width"], id="heads-not-dividing-width"),
     pytest.param(None, [], ["no such recipe file"], id="missing-file"),
     pytest.param(
@@ -86,7 +86,7 @@ CASES = [
         id="relaxation-unknown-argument",
     ),
     pytest.param(
-        lambda data: None, ["--set", "architecture.depth=-3"], ["architecture.depth", "greater than 0", "-3"],
+        lambda data: None, ["--set", "architecture.depth=-3"], ["architecture.depth", ("greater than 0", "greater than or equal to 1"), "-3"],
         id="set-negative-depth",
     ),
     # -- found while writing these tests -------------------------------------------------------

@@ -11,6 +11,7 @@ Relaxations (:mod:`unroll.relax`) are stored with the step and applied after der
 
 from __future__ import annotations
 
+import keyword
 from dataclasses import dataclass
 from typing import Literal, Union
 
@@ -62,6 +63,24 @@ class SynthesisStep:
 
 
 Step = Union[GradientStep, ProximalStep, SynthesisStep]
+
+#: a step's name becomes a submodule name (``layers.0.steps.<name>``) and a column of ``measure``
+MAX_NAME_LENGTH = 64
+
+
+def step_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name a step, or None: it must be a Python identifier (no dots, no
+    spaces), not a keyword, not private, and not an attribute every module has (``forward``,
+    ``training``...), which ``nn.ModuleDict`` would refuse or shadow."""
+    import torch.nn as nn  # late: the derivation itself needs no torch
+
+    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+        return f"a step name must be an identifier (letters, digits, _), found {name!r}"[:120]
+    if len(name) > MAX_NAME_LENGTH:
+        return f"a step name has at most {MAX_NAME_LENGTH} characters, found {len(name)}"
+    if name.startswith("_") or hasattr(nn.ModuleDict, name):
+        return f"{name!r} is reserved (an attribute of torch modules); choose another step name"
+    return None
 
 
 def derive(step: Step) -> Update:

@@ -27,7 +27,7 @@ DICTIONARY = ParamSpec("D", d, m, ("kaiming", m), "sparse-coding dictionary")
 @dataclass(frozen=True, eq=False)
 class Lasso(Term):
     #: atoms of the dictionary as a multiple of the width (1: square, 4: CRATE-alpha)
-    expansion: Annotated[int, Field(ge=1)] = 1
+    expansion: Annotated[int, Field(ge=1, le=16)] = 1
     label: ClassVar[str] = "lasso"
     codes: ClassVar[bool] = True
 

@@ -1,16 +1,22 @@
-"""Reading recipes: YAML (never evaluated), ``--set`` overrides, and errors that name the field."""
+"""Reading recipes: bounded, strict YAML (never evaluated), ``--set`` overrides, and errors that
+name the file and the field, quoting at most a short excerpt of the input."""
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
+from unroll.errors import UnrollError, excerpt
 from unroll.files import write_text
-from unroll.errors import UnrollError
 from unroll.recipe.schema import Recipe
+from unroll.recipe.strict_yaml import MAX_BYTES, read_yaml
+
+#: validation problems listed in one error; the rest are counted
+MAX_PROBLEMS = 5
 
 
 def _describe(err: dict) -> str:
@@ -21,7 +27,7 @@ def _describe(err: dict) -> str:
     elif err["type"] == "missing":
         msg = "required field is missing"
     elif "input" in err and err["type"] not in ("value_error",):
-        msg += f" (found {err['input']!r})"
+        msg += f" (found {excerpt(err['input'])})"
     return f"field {loc}: {msg}" if loc else msg
 
 
@@ -32,52 +38,98 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        lines = [_describe(err) for err in e.errors()[:5]]
+        errors = e.errors()
+        lines = [_describe(err)[:300] for err in errors[:MAX_PROBLEMS]]
+        if len(errors) > MAX_PROBLEMS:
+            lines.append(f"... and {len(errors) - MAX_PROBLEMS} more")
         raise UnrollError("\n  ".join(["invalid recipe", *lines]), where=source) from None
 
 
+def split_override(item: str) -> tuple[list[str], str]:
+    """``a.b.0.c=value`` -> (["a", "b", "0", "c"], "value"); the CLI checks the syntax with this
+    before anything runs."""
+    key, sep, raw = item.partition("=")
+    parts = key.split(".")
+    if not sep or not all(part.strip() for part in parts):
+        raise ValueError(f"expected key.sub=value (e.g. architecture.depth=4), found {excerpt(item)}")
+    return parts, raw
+
+
 def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
-    """``key.sub=value`` (list items by index, ``layer.0.step_size=0.2``); values are YAML scalars."""
+    """``key.sub=value`` (list items by index, ``layer.0.step_size=0.2``); values are YAML, read as
+    strictly as the recipe."""
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise UnrollError(f"--set expects key=value, found {item!r}", where=source)
-        node: Any = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-        last = parts[-1]
         try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            raise UnrollError(f"--set {key}: the value {raw!r} is not a YAML scalar or list", where=source) from None
-        if isinstance(node, list):
-            node[int(last)] = value
-        else:
-            node[last] = value
+            parts, raw = split_override(item)
+        except ValueError as e:
+            raise UnrollError(f"--set: {e}", where=source) from None
+        key = ".".join(parts)
+        try:
+            value = read_yaml(raw, "--set")
+        except UnrollError as e:
+            raise UnrollError(f"--set {excerpt(key, 40)}: the value {excerpt(raw)} is not valid YAML "
+                              f"({e.message})", where=source) from None
+        node: Any = data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            here = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not (part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node)):
+                    raise UnrollError(f"--set {excerpt(key, 40)}: {here} is not an item of a list of {len(node)}", where=source)
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise UnrollError(f"--set {excerpt(key, 40)}: {'.'.join(parts[:depth])} is a value, not a mapping or list",
+                                  where=source)
     return data
+
+
+def _missing_file_hint(path: Path) -> str:
+    """'did you mean' for a recipe path that does not exist: the same name with ``.yaml``, or the
+    closest recipe name in the folder."""
+    for candidate in (path.with_name(path.name + ".yaml"), path.with_suffix(".yaml"),
+                      Path("recipes") / path.with_suffix(".yaml").name):
+        if candidate != path and candidate.is_file():
+            return f"; did you mean {candidate}?"
+    folder = path.parent if path.parent.is_dir() else None
+    if folder is not None:
+        names = [p.name for p in folder.glob("*.yaml")]
+        close = difflib.get_close_matches(path.name, names, n=1)
+        if close:
+            return f"; did you mean {folder / close[0]}?"
+    return ""
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read and validate a recipe file; ``overrides`` are ``key=value`` strings."""
     path = Path(path)
+    if path.is_dir():
+        raise UnrollError("expected a recipe file, found a folder", where=str(path))
     if not path.is_file():
-        raise UnrollError("no such recipe file", where=str(path))
+        raise UnrollError("no such recipe file" + _missing_file_hint(path), where=str(path))
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise UnrollError(f"YAML syntax error{at}: {problem}", where=str(path)) from None
+        with path.open("rb") as f:
+            raw = f.read(MAX_BYTES + 1)  # no more than the limit is ever read
+    except OSError as e:
+        raise UnrollError(f"cannot read the recipe ({e.strerror or e})", where=str(path)) from None
+    data = read_yaml(raw, str(path))
     if isinstance(data, dict) and overrides:
-        try:
-            data = apply_overrides(data, overrides, str(path))
-        except (IndexError, ValueError, TypeError, AttributeError) as e:
-            raise UnrollError(f"cannot apply --set: {e}", where=str(path)) from None
+        data = apply_overrides(data, overrides, str(path))
     return parse_recipe(data, str(path))
 
 
+def recipe_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML, every default spelled out: what was built, to rebuild it."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
 def write_recipe(recipe: Recipe, path: Path) -> None:
-    """The resolved recipe as YAML (every default spelled out), written atomically."""
-    write_text(path, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    """:func:`recipe_yaml`, written atomically."""
+    write_text(path, recipe_yaml(recipe))

@@ -7,16 +7,19 @@ can name exactly what the Python API can build, with the same argument names.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+import math
+import re
+from typing import Annotated, Any, Literal
 
 import sympy as sp
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
 
 from unroll.derive.inverse import invert_layer
-from unroll.derive.steps import GradientStep, ProximalStep, SynthesisStep
+from unroll.derive.steps import GradientStep, ProximalStep, SynthesisStep, step_name_problem
 from unroll.network import ClassifierHead, MaskedAutoencoder, Network, PatchFrontend
 from unroll.objective import CodingRate, Compression, DenoisingScore, L1, Lasso, NonNegative, Objective, Weighted
+from unroll.errors import excerpt
 from unroll.relax.rules import RELAXATIONS
 
 TERMS: dict[str, type] = {
@@ -29,27 +32,52 @@ TERMS: dict[str, type] = {
 }
 
 
+# Upper limits, checked before anything is derived or allocated. Generous: every bundled recipe
+# and a 1024-token, 50304-word language model fit well inside; `unroll build` then estimates the
+# memory of what is left (see unroll.lower.budget).
+MAX_WIDTH = 16_384
+MAX_HEADS = 1_024
+MAX_DEPTH = 512
+MAX_IMAGE_SIZE = 8_192
+MAX_TOKENS = 65_536
+MAX_CHANNELS = 64
+MAX_CLASSES = 1 << 18
+MAX_STEPS = 32  # steps per layer
+MAX_ITERATIONS = 64  # proximal iterations per step
+MAX_TERMS = 32
+MAX_RELAXATIONS = 32
+MAX_MAGNITUDE = 1e6  # step sizes and term weights
+MAX_NAME = 64
+
+#: a recipe name becomes the default output folder (build/<name>): one safe path component
+SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+Size = Annotated[int, Field(ge=1)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Architecture(_Strict):
-    width: PositiveInt
-    heads: PositiveInt
-    head_dim: PositiveInt | None = Field(None, validate_default=True)
-    depth: PositiveInt
+    width: int = Field(ge=1, le=MAX_WIDTH)
+    heads: int = Field(ge=1, le=MAX_HEADS)
+    head_dim: int | None = Field(None, ge=1, le=MAX_WIDTH, validate_default=True)
+    depth: int = Field(ge=1, le=MAX_DEPTH)
     tie_layers: bool = False
-    image_size: PositiveInt = 224
-    patch_size: PositiveInt = 16
-    channels: PositiveInt = 3
-    classes: PositiveInt = 1000
+    image_size: int = Field(224, ge=1, le=MAX_IMAGE_SIZE)
+    patch_size: int = Field(16, ge=1, le=MAX_IMAGE_SIZE)
+    channels: int = Field(3, ge=1, le=MAX_CHANNELS)
+    classes: int = Field(1000, ge=1, le=MAX_CLASSES)
     pool: Literal["cls", "mean"] = "cls"
     patch_norm: bool = True
     cls_token: bool = True
     positions: Literal["learned", "sincos", "none"] = "learned"
     embedding: Literal["linear", "conv"] = "linear"
-    norm_eps: PositiveFloat = 1e-5
-    head_norm_eps: PositiveFloat = 1e-5
+    norm_eps: Positive = 1e-5
+    head_norm_eps: Positive = 1e-5
 
     @field_validator("head_dim")
     @classmethod
@@ -69,6 +97,9 @@ class Architecture(_Strict):
 
     @model_validator(mode="after")
     def _check_sizes(self):
+        tokens = (self.image_size // self.patch_size) ** 2
+        if tokens > MAX_TOKENS:
+            raise ValueError(f"{tokens:,} patches ((image_size / patch_size)²); at most {MAX_TOKENS:,} are allowed")
         if self.embedding == "conv" and self.patch_norm:
             raise ValueError("patch_norm applies to the linear embedding; set patch_norm: false with embedding: conv")
         if self.positions == "sincos" and self.width % 4:
@@ -83,51 +114,80 @@ class Architecture(_Strict):
         return self
 
 
+def _nonfinite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(_nonfinite(v) for v in value)
+    return isinstance(value, dict) and any(_nonfinite(v) for v in value.values())
+
+
 def _validate_args(kind: str, registry: dict[str, type], name: Any, args: Any) -> dict:
-    if name not in registry:
-        raise ValueError(f"unknown {kind} {name!r}; expected one of: {', '.join(registry)}")
+    """``{name: arguments}`` of a term or relaxation, validated by its own dataclass (whose
+    field annotations carry the bounds, so a new term states them in its own module)."""
+    if not isinstance(name, str) or name not in registry:
+        raise ValueError(f"unknown {kind} {excerpt(name)}; expected one of: {', '.join(registry)}")
     cls = registry[name]
     fields = [f.name for f in dataclasses.fields(cls)]
+    arguments = f"arguments: {', '.join(fields) or 'none'}"
     if args is None:
         args = {}
     elif not isinstance(args, dict):
         if not fields:
-            raise ValueError(f"{kind} {name} takes no arguments, found {args!r}")
+            raise ValueError(f"{kind} {name} takes no arguments, found {excerpt(args)}")
         args = {fields[0]: args}  # shorthand: `neumann: 1`, `residual: true`
+    unknown = [key for key in args if key not in fields]
+    if unknown:
+        raise ValueError(f"{kind} {name}: unknown argument {excerpt(unknown[0])}; {arguments}")
+    for key, value in args.items():
+        if _nonfinite(value):
+            raise ValueError(f"{kind} {name}: {key} must be a finite number, found {value}; {arguments}")
     try:
         obj = TypeAdapter(cls).validate_python(args)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first["loc"])
         raise ValueError(
-            f"{kind} {name}: {where + ': ' if where else ''}{first['msg']} (found {first.get('input')!r}); "
-            f"arguments: {', '.join(fields) or 'none'}"
+            f"{kind} {name}: {where + ': ' if where else ''}{first['msg']} (found {excerpt(first.get('input'))}); "
+            f"{arguments}"
         ) from None
     return {name: dataclasses.asdict(obj)}
 
 
+TermNames = Annotated[list[str], Field(min_length=1, max_length=MAX_TERMS)]
+
+
 class StepSpec(_Strict):
     name: str
-    gradient: list[str] | None = Field(default=None, description="terms a gradient step descends")
-    proximal: list[str] | None = Field(default=None, description="terms a proximal-gradient step minimises")
-    synthesis: list[str] | None = Field(default=None, description="terms whose dictionary re-synthesises the signal")
-    step_size: PositiveFloat = 1.0
-    iterations: PositiveInt = 1
+    gradient: TermNames | None = Field(default=None, description="terms a gradient step descends")
+    proximal: TermNames | None = Field(default=None, description="terms a proximal-gradient step minimises")
+    synthesis: TermNames | None = Field(default=None, description="terms whose dictionary re-synthesises the signal")
+    step_size: float = Field(1.0, gt=0, le=MAX_MAGNITUDE)
+    iterations: int = Field(1, ge=1, le=MAX_ITERATIONS)
     warm_start: Literal["input", "zero"] = "input"
     decode: Literal["none", "tied", "decoupled"] = "none"
     relax: list[dict[str, Any]] = []
+
+    @field_validator("name")
+    @classmethod
+    def _identifier(cls, name: str) -> str:
+        if (problem := step_name_problem(name)) is not None:
+            raise ValueError(problem)
+        return name
 
     @field_validator("relax", mode="before")
     @classmethod
     def _relaxations(cls, value):
         if not isinstance(value, list):
-            raise ValueError(f"expected a list of relaxations, found {value!r}")
+            raise ValueError(f"expected a list of relaxations, found {excerpt(value)}")
+        if len(value) > MAX_RELAXATIONS:
+            raise ValueError(f"at most {MAX_RELAXATIONS} relaxations, found {len(value)}")
         out = []
         for i, item in enumerate(value):
             if isinstance(item, str):
                 item = {item: None}
             if not isinstance(item, dict) or len(item) != 1:
-                raise ValueError(f"item {i}: each relaxation is a name or a one-key mapping, found {item!r}")
+                raise ValueError(f"item {i}: each relaxation is a name or a one-key mapping, found {excerpt(item)}")
             (name, args), = item.items()
             try:
                 out.append(_validate_args("relaxation", RELAXATIONS, name, args))
@@ -159,57 +219,74 @@ class Decoder(_Strict):
     (each step undone, in reverse order), or give the decoder's steps like ``layer``."""
 
     layer: Literal["invert"] | list[StepSpec] = "invert"
-    depth: PositiveInt
+    depth: int = Field(ge=1, le=MAX_DEPTH)
+    mask_ratio: float = Field(0.75, ge=0, lt=1)
+    norm_pix_loss: bool = False
+    norm_eps: Positive = 1e-6
 
     @field_validator("layer", mode="before")
     @classmethod
     def _invert_or_steps(cls, value):
         if not isinstance(value, list) and value != "invert":
-            raise ValueError(f"expected 'invert' (undo the encoder layer) or a list of steps, found {value!r}")
+            raise ValueError(f"expected 'invert' (undo the encoder layer) or a list of steps, found {excerpt(value)}")
+        if isinstance(value, list) and not 1 <= len(value) <= MAX_STEPS:
+            raise ValueError(f"expected 1 to {MAX_STEPS} steps, found {len(value)}")
         return value
-    mask_ratio: float = Field(0.75, ge=0, lt=1)
-    norm_pix_loss: bool = False
-    norm_eps: PositiveFloat = 1e-6
 
 
 class Training(_Strict):
     """How ``unroll train`` trains the recipe (every field can be overridden with ``--set``)."""
 
-    data: str = Field("digits", description="digits, mixtures, or an ImageFolder directory")
-    epochs: PositiveInt = 30
-    batch_size: PositiveInt = 64
+    data: str = Field("digits", min_length=1, max_length=4096, description="digits, mixtures, or an ImageFolder directory")
+    epochs: int = Field(30, ge=1, le=100_000)
+    batch_size: int = Field(64, ge=1, le=1 << 20)
     optimizer: Literal["adamw", "lion"] = "adamw"
-    lr: PositiveFloat = 1e-3
-    weight_decay: float = Field(0.05, ge=0)
-    warmup_epochs: int = Field(2, ge=0)
+    lr: float = Field(1e-3, gt=0, le=10)
+    weight_decay: float = Field(0.05, ge=0, le=10)
+    warmup_epochs: int = Field(2, ge=0, le=100_000)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    clip_grad: PositiveFloat | None = 1.0
+    clip_grad: float | None = Field(1.0, gt=0, le=MAX_MAGNITUDE)
     #: random shifts of up to this many pixels (0: none), a cheap augmentation for small images
-    shift: int = Field(0, ge=0)
+    shift: int = Field(0, ge=0, le=64)
 
 
 class Recipe(_Strict):
-    name: str
-    description: str = ""
+    name: str = Field(description="letters, digits, '.', '_' and '-': it names the output folder")
+    description: str = Field("", max_length=10_000)
     architecture: Architecture
     objective: dict[str, dict[str, Any]]
-    layer: list[StepSpec] = Field(min_length=1)
+    layer: list[StepSpec] = Field(min_length=1, max_length=MAX_STEPS)
     decoder: Decoder | None = None
     training: Training = Field(default_factory=Training)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_file_name(cls, name: str) -> str:
+        if not re.fullmatch(SAFE_NAME, name) or len(name) > MAX_NAME:
+            raise ValueError(f"the name becomes a folder (build/<name>), so it must be one file name of at most "
+                             f"{MAX_NAME} letters, digits, '.', '_' or '-', not starting with '.' or '-'; found {excerpt(name)}")
+        return name
 
     @field_validator("objective", mode="before")
     @classmethod
     def _terms(cls, value):
         if not isinstance(value, dict) or not value:
             raise ValueError("expected a mapping from term names to terms, e.g. {Rc: {term: compression}}")
+        if len(value) > MAX_TERMS:
+            raise ValueError(f"at most {MAX_TERMS} terms, found {len(value)}")
         out = {}
         for key, entry in value.items():
+            if not isinstance(key, str) or not key.isidentifier() or len(key) > MAX_NAME:
+                raise ValueError(f"a term's name must be an identifier of at most {MAX_NAME} characters, found {excerpt(key)}")
             if not isinstance(entry, dict) or "term" not in entry:
-                raise ValueError(f"term {key}: expected a mapping with a 'term' kind, found {entry!r}")
+                raise ValueError(f"term {key}: expected a mapping with a 'term' kind, found {excerpt(entry)}")
             entry = dict(entry)
             kind, weight = entry.pop("term"), entry.pop("weight", 1.0)
-            if not isinstance(weight, (int, float)):
-                raise ValueError(f"term {key}: weight must be a number, found {weight!r}")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                raise ValueError(f"term {key}: weight must be a number, found {excerpt(weight)}")
+            if not (isinstance(weight, float) and math.isfinite(weight) or isinstance(weight, int)) \
+                    or not -MAX_MAGNITUDE <= weight <= MAX_MAGNITUDE:
+                raise ValueError(f"term {key}: weight must be a finite number within ±{MAX_MAGNITUDE:g}, found {excerpt(weight)}")
             try:
                 (_, args), = _validate_args("term", TERMS, kind, entry).items()
             except ValueError as e:
@@ -220,6 +297,10 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _steps_name_terms(self):
         decoder_steps = self.decoder.layer if self.decoder and self.decoder.layer != "invert" else []
+        for field, steps in (("layer", self.layer), ("decoder.layer", decoder_steps)):
+            names = [step.name for step in steps]
+            if len(set(names)) != len(names):
+                raise ValueError(f"{field}: step names must be unique, found {', '.join(names)}")
         for step in [*self.layer, *decoder_steps]:
             unknown = [t for t in step.terms if t not in self.objective]
             if unknown:

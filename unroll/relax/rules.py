@@ -14,7 +14,7 @@ from pydantic import ConfigDict, Field
 import sympy as sp
 
 from unroll.derive.update import Update, merge_params, used_names
-from unroll.errors import UnrollError
+from unroll.errors import UnrollError, excerpt
 from unroll.expr.nodes import HeadSum, LayerNorm, Softmax, is_per_head
 from unroll.expr.printing import to_text
 from unroll.expr.symbols import K, N, Z, d, p
@@ -39,7 +39,9 @@ class Neumann:
 
     __pydantic_config__: ClassVar = _STRICT
 
-    order: Annotated[int, Field(ge=1)] = 1
+    #: each order adds a product of Gram matrices to the update; beyond a few the series is
+    #: no cheaper than the inverse it replaces
+    order: Annotated[int, Field(ge=1, le=16)] = 1
     name: ClassVar[str] = "neumann"
 
     @property
@@ -126,7 +128,7 @@ class SoftmaxSimilarity:
 
     __pydantic_config__: ClassVar = _STRICT
 
-    temperature: Annotated[float, Field(gt=0)] | str = 1.0
+    temperature: Annotated[float, Field(gt=0, le=1e6)] | Annotated[str, Field(max_length=40)] = 1.0
     causal: bool = False
     name: ClassVar[str] = "softmax"
 
@@ -144,7 +146,7 @@ class SoftmaxSimilarity:
         scale, where, constants = sp.Integer(1), u.where, dict(u.constants)
         if isinstance(self.temperature, str):
             if self.temperature.replace(" ", "") not in ("1/sqrt(p)", "p^-1/2", "1/sqrt(head_dim)"):
-                raise _fail(u, self.name, f"temperature must be a number or '1/sqrt(p)', found {self.temperature!r}")
+                raise _fail(u, self.name, f"temperature must be a number or '1/sqrt(p)', found {excerpt(self.temperature)}")
             scale, where = tau, (*u.where, (tau, p ** sp.Rational(-1, 2)))
         elif self.temperature != 1:
             scale, constants["tau"] = tau, float(self.temperature)
@@ -239,7 +241,7 @@ class PreNorm:
 
     __pydantic_config__: ClassVar = _STRICT
 
-    eps: Annotated[float, Field(gt=0)] = 1e-5
+    eps: Annotated[float, Field(gt=0, le=1)] = 1e-5
     name: ClassVar[str] = "pre_norm"
 
     @property
@@ -267,7 +269,7 @@ class Learnable:
 
     __pydantic_config__: ClassVar = _STRICT
 
-    constants: tuple[str, ...] = ()
+    constants: Annotated[tuple[Annotated[str, Field(max_length=64)], ...], Field(max_length=16)] = ()
     name: ClassVar[str] = "learnable"
 
     @property
