@@ -81,9 +81,29 @@ def test_cls_attention_is_a_distribution_over_the_tokens():
 
     model = unroll.build(load_recipe(ROOT / "recipes/crate_tiny.yaml", [
         "architecture.image_size=32", "architecture.patch_size=8", "architecture.depth=2"])).eval()
-    weights = cls_attention(model, torch.randn(2, 3, 32, 32), layer=1)
+    weights = cls_attention(model, torch.randn(2, 3, 32, 32), layer=2)
     assert weights.shape == (2, 6, 16)
     assert (weights >= 0).all() and (weights.sum(-1) < 1).all()  # the rest is the cls token's own weight
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_cls_attention_counts_layers_from_one(tied):
+    from unroll.attention import cls_attention
+
+    def crate(depth: int):
+        return unroll.build(load_recipe(ROOT / "recipes/crate_tiny.yaml", [
+            "architecture.image_size=32", "architecture.patch_size=8", "architecture.width=32", "architecture.heads=2",
+            f"architecture.depth={depth}", f"architecture.tie_layers={str(tied).lower()}"])).eval()
+
+    model, first_only = crate(2), crate(1)
+    first_only.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("encoder.layers.1.")})
+    images = torch.randn(2, 3, 32, 32)
+    layer_1 = cls_attention(model, images, 1)
+    assert torch.equal(layer_1, cls_attention(first_only, images, 1))  # layer 1 is the first layer
+    assert not torch.allclose(layer_1, cls_attention(model, images, 2))
+    for wrong in (0, 3):
+        with pytest.raises(unroll.UnrollError, match=f"--layer must be between 1 and 2, found {wrong}"):
+            cls_attention(model, images, wrong)
 
 
 def test_measure_uses_a_learned_threshold():

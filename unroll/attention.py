@@ -16,6 +16,7 @@ from unroll.files import atomic_write
 from unroll.derive.update import used_names
 from unroll.errors import UnrollError
 from unroll.expr.nodes import Softmax
+from unroll.images import read_image
 from unroll.lower.interpret import Lowering
 
 
@@ -30,18 +31,20 @@ def _similarity_step(model):
 
 def cls_attention(model, images: torch.Tensor, layer: int) -> torch.Tensor:
     """(B, K, L): for each head, the attention weights of the cls token over the L patches
-    in the compression step of ``layer`` (0-based)."""
+    in the compression step of ``layer``, counted from 1 like ``unroll attention --layer``."""
     if not model.network.frontend.cls_token:
         raise UnrollError("the attention of the cls token needs a recipe with cls_token: true")
-    if not 0 <= layer < model.encoder.depth:
-        raise UnrollError(f"--layer must be between 0 and {model.encoder.depth - 1}, found {layer}")
+    depth = model.encoder.depth
+    if not 1 <= layer <= depth:
+        raise UnrollError(f"--layer must be between 1 and {depth}, found {layer}")
+    index = layer - 1
     derived, softmax = _similarity_step(model)
-    step = model.layer(layer).steps[derived.exact.name]
+    step = model.layer(index).steps[derived.exact.name]
     captured: list[torch.Tensor] = []
     calls = [0]
 
     def hook(module, args):
-        if calls[0] == layer or len(model.encoder.layers) > 1:
+        if calls[0] == index or len(model.encoder.layers) > 1:
             captured.append(args[0])
         calls[0] += 1
 
@@ -104,17 +107,5 @@ def save_overlays(image: torch.Tensor, attention: torch.Tensor, folder: Path, gr
 
 
 def load_image(path: str | Path, image_size: int, channels: int) -> torch.Tensor:
-    """(C, H, W) in [0, 1], resized to the recipe's image size."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise UnrollError("no such image file", where=str(path))
-    try:
-        with Image.open(path) as img:
-            img = img.convert({1: "L", 3: "RGB"}[channels]).resize((image_size, image_size))
-            array = np.asarray(img, dtype=np.float32) / 255.0
-    except UnidentifiedImageError:
-        raise UnrollError("not a readable image", where=str(path)) from None
-    return torch.from_numpy(array).reshape(image_size, image_size, channels).permute(2, 0, 1)
-
+    """(C, H, W) in [0, 1], converted to the recipe's channels and resized to its image size."""
+    return read_image(path, image_size, channels, strict=False)

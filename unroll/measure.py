@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from unroll.errors import UnrollError
 from unroll.files import atomic_write, write_csv
+from unroll.finite import name_list, nonfinite_names
 from unroll.expr.nodes import LayerNorm
 from unroll.objective import L1, CodingRate, Compression, Lasso, NonNegative
 from unroll.objective.base import Term
@@ -53,6 +55,10 @@ def _term_value(term: Term, step, update, inputs: torch.Tensor, output: torch.Te
 def measure(model: torch.nn.Module, images: torch.Tensor, eps: float | None = None) -> list[dict[str, float]]:
     """One row per encoder layer: ``layer``, then ``<step>: <term>`` values, ``zeros`` (fraction
     of exact zeros in the layer output), ``l1`` (mean |z|), ``R`` and ``sparse rate reduction``."""
+    bad = nonfinite_names({**dict(model.named_parameters()), **dict(model.named_buffers())})
+    if bad:  # every value measured would be NaN, with no hint why
+        raise UnrollError(f"the model's weights are not finite (NaN or infinity) in {name_list(bad)}; "
+                          "nothing can be measured")
     calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def record(module, args, output):

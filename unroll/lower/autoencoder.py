@@ -17,11 +17,11 @@ from torch import nn
 
 from unroll.errors import UnrollError
 from unroll.lower.frontend import PatchEmbedding
-from unroll.lower.model import DerivedStep, Layer, LayerStack, derive_layer, derive_steps
+from unroll.lower.model import DerivedStep, Layer, LayerStack, RecipeModel, derive_layer, derive_steps
 from unroll.network import Network
 
 
-class WhiteBoxAutoencoder(nn.Module):
+class WhiteBoxAutoencoder(RecipeModel):
     def __init__(self, network: Network, optimize: bool = True):
         super().__init__()
         task = network.decoder
@@ -33,6 +33,7 @@ class WhiteBoxAutoencoder(nn.Module):
             if depth < 1:
                 raise UnrollError(f"depth must be at least 1, found {depth}", field=name)
         self.network = network
+        self.optimize = optimize
         d, sizes, spec = network.width, network.sizes(), network.frontend
         self.frontend = PatchEmbedding(spec, d)
         self.mask_token = nn.Parameter(0.02 * torch.randn(1, 1, d))

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from unroll.derive.steps import Step, derive
+from unroll.derive.steps import Step, derive, step_name_problem
 from unroll.derive.update import Update
-from unroll.errors import UnrollError
+from unroll.errors import UnrollError, excerpt
 from unroll.graph.blocks import LayerGraph, build_layer_graph
 from unroll.lower.frontend import Classifier, PatchEmbedding
-from unroll.lower.step import LoweredStep
+from unroll.lower.step import LoweredStep, copy_module
 from unroll.network import Network
+from unroll.objective.base import Term
+from unroll.objective.custom import Custom
 from unroll.relax.rules import apply_all, prune
 
 
@@ -33,6 +36,9 @@ class DerivedStep:
 def derive_steps(steps: tuple[Step, ...], field: str = "layer") -> list[DerivedStep]:
     """Derive each step's exact update and relax it, in order."""
     names = [s.name for s in steps]
+    for name in names:
+        if (problem := step_name_problem(name)) is not None:
+            raise UnrollError(problem, field=field)
     if len(set(names)) != len(names):
         raise UnrollError(f"step names must be unique within a layer, found {names}", field=field)
     out = []
@@ -86,7 +92,69 @@ class Layer(nn.Module):
         return self.run(Z.mT).mT
 
 
-class WhiteBoxClassifier(nn.Module):
+class RecipeModel(nn.Module):
+    """What every built model shares: it copies and pickles as what it was built from.
+
+    Pickled (``torch.save(model, f)``, ``pickle``), a model is its :class:`Network`, the
+    ``optimize`` flag, its state dict and its training mode; unpickling lowers the network again
+    and loads the state, so a pickle stays valid across changes to the lowering. Loading needs
+    ``torch.load(f, weights_only=False)``, as any pickled module does. A network whose custom
+    terms hold lambdas cannot be pickled: its weights are saved with safetensors instead.
+    """
+
+    network: Network
+    optimize: bool
+
+    def __reduce__(self):
+        _check_picklable(self.network)
+        return rebuild, (self.network, self.optimize, self.state_dict(), self.training)
+
+    def __deepcopy__(self, memo: dict) -> RecipeModel:
+        return copy_module(self, memo)
+
+
+def rebuild(network: Network, optimize: bool, state: dict[str, torch.Tensor], training: bool) -> nn.Module:
+    """The model a pickle stored: lowered from ``network``, with the pickled weights (their
+    dtype and device kept). Pickles name this function: its name and arguments are the format."""
+    model = lower_network(network, optimize)
+    try:
+        model.load_state_dict(state, assign=True)
+    except RuntimeError as e:  # a pickle from a version of unroll that lowered differently
+        raise UnrollError(f"the pickled weights do not fit the model its network builds now "
+                          f"({excerpt(str(e).splitlines()[-1].strip())})", where=network.name) from None
+    return model.train(training)
+
+
+def _check_picklable(network: Network) -> None:
+    try:
+        pickle.dumps(network)
+    except Exception as e:  # pickle fails with PicklingError, AttributeError or TypeError
+        names = [repr(t.name) for t in _custom_terms(network) if not _picklable(t.fn)]
+        if names:
+            terms = f"term {names[0]} holds" if len(names) == 1 else f"terms {', '.join(names)} hold"
+            reason = f"the custom {terms} a function pickle cannot store (a lambda or a local function)"
+        else:
+            reason = f"its network cannot be pickled ({excerpt(str(e))})"
+        raise UnrollError(
+            f"cannot pickle the model {network.name!r}: {reason}; save the weights with unroll.checkpoint."
+            "save_weights(model.state_dict(), path) and rebuild with unroll.build(recipe, checkpoint=path)") from None
+
+
+def _custom_terms(network: Network) -> list[Custom]:
+    steps = network.layer + (network.decoder.layer if network.decoder is not None else ())
+    ons = [s.on._as_objective() if isinstance(s.on, Term) else s.on for s in steps]
+    return [w.term for on in ons for w in on.parts if isinstance(w.term, Custom)]
+
+
+def _picklable(value) -> bool:
+    try:
+        pickle.dumps(value)
+    except Exception:
+        return False
+    return True
+
+
+class WhiteBoxClassifier(RecipeModel):
     """images (B, C, H, W) -> logits (B, classes); every layer is a derived optimisation step.
 
     ``optimize``: lower with the compiler's optimisations (:mod:`unroll.lower.optimize`); False
@@ -97,6 +165,7 @@ class WhiteBoxClassifier(nn.Module):
         if network.depth < 1:
             raise UnrollError(f"depth must be at least 1, found {network.depth}", field="architecture.depth")
         self.network = network
+        self.optimize = optimize
         self.frontend = PatchEmbedding(network.frontend, network.width)
         self.encoder = LayerStack(derive_layer(network), network.sizes(), network.depth, network.tie_layers, optimize)
         self.head = Classifier(network.head, network.width)

@@ -143,8 +143,6 @@ class OptimizedLowering(Lowering):
     def __init__(self, smooth_grads, sizes: dict[str, int]):
         super().__init__(smooth_grads)
         self.sizes = sizes
-        #: LinearMap factor cache: node key -> (the inputs it was formed from, factor, precision)
-        self.cache: dict[int, tuple[list, torch.Tensor, tuple]] = {}
 
     def _factors(self, args) -> list[Fn]:
         factors = [self._gram(g) if isinstance(g, _Gram) else self.matrix(g) for g in _grams(args)]
@@ -197,11 +195,14 @@ class OptimizedLowering(Lowering):
                 return None
             inputs = [_dependency(env, n) for n in names]
             precision = _precision(env["Z"])
-            hit = self.cache.get(key)
+            # the module's own cache (env["__cache__"]): node key -> (inputs it was formed from,
+            # factor, precision); in the closure it would be shared by every copy of the module
+            cache = env["__cache__"]
+            hit = cache.get(key)
             if hit is not None and hit[2] == precision and _unchanged(hit[0], inputs):
                 return hit[1]
             factor = factor_of(env)
-            self.cache[key] = ([_snapshot(v) for v in inputs], factor, precision)
+            cache[key] = ([_snapshot(v) for v in inputs], factor, precision)
             return factor
 
         def linear(env: Env, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 from torch import nn
 
 from unroll.derive.update import Update, used_names
+from unroll.errors import UnrollError
+from unroll.expr.printing import to_text
 from unroll.lower.interpret import Lowering, size_value
 from unroll.lower.optimize import OptimizedLowering, optimize_expr, weights_of
 from unroll.objective.base import ParamSpec
@@ -32,11 +35,20 @@ class LoweredStep(nn.Module):
 
     Parameters are attributes named after their symbols (``U_k`` -> ``U`` of shape (K, d, p));
     fixed constants are non-persistent buffers, learnable ones parameters.
+
+    The lowered program is a tree of closures, which pickle cannot store: a step is copied
+    (``copy.deepcopy``) but pickled only as part of a whole model (see
+    :class:`~unroll.lower.model.RecipeModel`).
     """
+
+    #: the longest update text ``repr`` shows
+    REPR_CHARS = 100
 
     def __init__(self, update: Update, sizes: dict[str, int], order: list[str], optimize: bool = False):
         super().__init__()
         self.update_name = update.name
+        self.title = update.title
+        self.update_text = "Z⁺ = " + to_text(update.out)
         sizes = {**sizes, "m": update.expansion * sizes["d"]}
         self.sizes = sizes
         self.specs = {spec.attr: spec for spec in update.params}
@@ -66,13 +78,35 @@ class LoweredStep(nn.Module):
             lowering = Lowering(grads)
         self.program = [(name, lowering.matrix(bound[name])) for name in order]
         self.result = lowering.matrix(out)
+        #: weight-only factors the optimised program formed, kept here rather than in its
+        #: closures so that a copy of the step has its own (see ``OptimizedLowering._LinearMap``)
+        self.factor_cache: dict = {}
+
+    def extra_repr(self) -> str:
+        text = self.update_text
+        if len(text) > self.REPR_CHARS:
+            text = text[: self.REPR_CHARS - 1] + "…"
+        shapes = [f"{name} {tuple(p.shape)}" for name, p in self.named_parameters(recurse=False)]
+        constants = [f"{name}={float(getattr(self, name)):g}" for name in self.constant_names
+                     if name not in self._parameters]
+        return "\n".join([f"name={self.update_name}: {self.title}", text,
+                          ", ".join([f"rows={self.rows}", *shapes, *constants])])
+
+    def __deepcopy__(self, memo: dict) -> LoweredStep:
+        return copy_module(self, memo)
+
+    def __reduce__(self):
+        raise UnrollError(
+            f"a lowered step ({self.update_name}) cannot be pickled on its own: pickle the whole model "
+            "(torch.save(model, path)), or save model.state_dict() and rebuild with unroll.build")
 
     def _env(self, Z: torch.Tensor, rows: bool | None = None) -> dict:
         """Values by symbol name, 4-D; in the row layout every matrix is held transposed
         (as views: a weight is never copied to be transposed)."""
         rows = self.rows if rows is None else rows
         tokens = Z.shape[-2] if rows else Z.shape[-1]
-        env: dict = {"Z": Z.unsqueeze(1), "__sizes__": {**self.sizes, "N": tokens}, "__raw__": {}}
+        env: dict = {"Z": Z.unsqueeze(1), "__sizes__": {**self.sizes, "N": tokens}, "__raw__": {},
+                     "__cache__": self.factor_cache}
         for attr, spec in self.specs.items():
             raw = getattr(self, attr)
             env["__raw__"][spec.name] = raw
@@ -92,3 +126,15 @@ class LoweredStep(nn.Module):
         for name, fn in self.program:
             env[name] = fn(env)
         return self.result(env).squeeze(1)
+
+
+def copy_module(module: nn.Module, memo: dict) -> nn.Module:
+    """``copy.deepcopy`` of ``module`` as if it had no ``__reduce__``: every attribute deep-copied.
+
+    The lowered closures are shared with the original, which is safe: they hold no state (their
+    only cache lives in the step's ``factor_cache``, which is copied) and read the weights from
+    the env each call."""
+    clone = type(module).__new__(type(module))
+    memo[id(module)] = clone
+    clone.__setstate__(copy.deepcopy(module.__dict__, memo))
+    return clone

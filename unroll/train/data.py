@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from unroll.errors import UnrollError
+from unroll.images import image_mode, read_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -48,7 +48,9 @@ def mixtures(classes: int = 4, per_class: int = 300, image_size: int = 8, channe
     g = torch.Generator().manual_seed(seed)
     dim = channels * image_size * image_size
     if classes * rank > dim:
-        raise UnrollError(f"{classes} subspaces of rank {rank} do not fit in {dim} pixels", field="data")
+        raise UnrollError(f"mixtures of {classes} subspaces of rank {rank} need images of at least {classes * rank} "
+                          f"pixels, the recipe's have {channels}×{image_size}×{image_size}; raise architecture.image_size",
+                          field="architecture")
     bases = torch.linalg.qr(torch.randn(dim, dim, generator=g))[0][:, : classes * rank].reshape(dim, classes, rank)
     labels = torch.arange(classes).repeat_interleave(per_class)
     coeffs = torch.randn(len(labels), rank, generator=g)
@@ -60,55 +62,39 @@ def mixtures(classes: int = 4, per_class: int = 300, image_size: int = 8, channe
 
 def image_folder(root: str | Path, image_size: int, channels: int) -> Dataset:
     """``root/<class>/<image>``: one folder per class, images resized to ``image_size``."""
-    from PIL import Image, UnidentifiedImageError
-
     root = Path(root)
     if not root.is_dir():
         raise UnrollError("no such data directory", where=str(root))
     folders = sorted(p for p in root.iterdir() if p.is_dir())
     if not folders:
         raise UnrollError("expected one sub-folder per class (an ImageFolder), found none", where=str(root))
-    mode = {1: "L", 3: "RGB"}.get(channels)
-    if mode is None:
-        raise UnrollError(f"images with {channels} channels are not supported (1 or 3)", where=str(root))
+    image_mode(channels, root)
     images, labels = [], []
     for label, folder in enumerate(folders):
         for path in sorted(folder.iterdir()):
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(path) as img:
-                    bands = [b for b in img.getbands() if b != "A"]  # transparency is dropped
-                    found = len(bands)
-                    if found != channels and not (img.mode == "P" and channels == 3):
-                        raise UnrollError(
-                            f"expected {channels}-channel images (the recipe's architecture.channels), "
-                            f"found {found} channels ({img.mode})", where=str(path))
-                    img = img.convert(mode).resize((image_size, image_size))
-                    array = np.asarray(img, dtype=np.float32) / 255.0
-            except UnidentifiedImageError:
-                raise UnrollError("not a readable image", where=str(path)) from None
-            images.append(torch.from_numpy(array).reshape(image_size, image_size, channels).permute(2, 0, 1))
-            labels.append(label)
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                images.append(read_image(path, image_size, channels))
+                labels.append(label)
     if not images:
         raise UnrollError(f"no images found in {len(folders)} class folders", where=str(root))
     return Dataset(torch.stack(images), torch.tensor(labels), [f.name for f in folders], root.name)
 
 
 def load(spec: str, image_size: int, channels: int) -> Dataset:
-    """``digits``, ``mixtures`` or a directory path."""
+    """``digits``, ``mixtures`` (generated at the recipe's image size) or a directory path."""
     if spec == "digits":
         data = digits()
-    elif spec == "mixtures":
-        data = mixtures(image_size=image_size, channels=channels)
-    else:
-        return image_folder(spec, image_size, channels)
-    if data.images.shape[1:] != (channels, image_size, image_size):
-        shape = tuple(data.images.shape[1:])
-        raise UnrollError(
-            f"the {spec} images are {shape} (channels, height, width); the recipe expects "
-            f"{(channels, image_size, image_size)}", field="architecture")
-    return data
+        if data.images.shape[1:] != (channels, image_size, image_size):
+            raise UnrollError(f"digits are 1×8×8 images, the recipe's are {channels}×{image_size}×{image_size}; "
+                              "train recipes/crate_digits.yaml, or give --data an ImageFolder of your images",
+                              field="architecture")
+        return data
+    if spec == "mixtures":
+        return mixtures(image_size=image_size, channels=channels)
+    if not Path(spec).is_dir():
+        found = "found a file" if Path(spec).exists() else "no such data directory"
+        raise UnrollError(f"{found}; expected digits, mixtures, or an ImageFolder directory", where=spec)
+    return image_folder(spec, image_size, channels)
 
 
 def split(data: Dataset, held_out: float = 0.25, seed: int = 0) -> tuple[Dataset, Dataset]:
