@@ -121,7 +121,45 @@ CASES = [
         put("decoder", {"depth": 2, "layer": [{"name": "s", "synthesis": ["sparse"]}]}), [],
         ["step s", "synthesis", "dictionary (lasso)"], id="synthesis-without-a-dictionary",
     ),
+    # -- hardening (issue 13): each class a hostile or careless recipe fell into -----------------
+    pytest.param(("text", lambda t: t.encode() + b"extra: \xff\n"), [], ["not UTF-8", "0xff", "line 4"], id="not-utf8"),
+    pytest.param(("text", lambda t: t + "deep: " + "[" * 3000 + "]" * 3000 + "\n"), [], ["nested deeper than 32"],
+                 id="deep-nesting"),
+    pytest.param(("text", lambda t: t + BOMB), [], ["100,000 values", "aliases"], id="alias-bomb"),
+    pytest.param(("text", lambda t: t.replace("  depth: 12", "  depth: !!int 'abc'")), [],
+                 ["cannot be read", "'abc'"], id="int-tag-on-text"),
+    pytest.param(("text", lambda t: t + "name: again\n"), [], ["duplicate key 'name'", "line"], id="duplicate-key"),
+    pytest.param(("text", lambda t: t + "x: !!python/object/apply:os.system ['true']\n"), [],
+                 ["constructor", "python/object"], id="python-tag"),
+    pytest.param(put("objective.Rc.term", {}), [], ["Rc", "unknown term", "expected one of"], id="term-kind-a-mapping"),
+    pytest.param(put("objective.Rc.weight", 10**400), [], ["Rc", "weight", "finite number", "400 digits"], id="huge-weight"),
+    pytest.param(put("objective.Rc.weight", float("nan")), [], ["Rc", "weight", "finite number"], id="nan-weight"),
+    pytest.param(put("objective.Rc.epsilon", 0.01), [], ["Rc", "unknown argument 'epsilon'", "arguments: eps"],
+                 id="unknown-term-argument"),
+    pytest.param(put("objective.Rc.eps", float("inf")), [], ["Rc", "eps must be a finite number"], id="infinite-term-argument"),
+    pytest.param(put("layer.0.gradient", []), [], ["layer.0.gradient", "at least 1"], id="empty-gradient-list"),
+    pytest.param(put("layer.0.step_size", float("inf")), [], ["layer.0.step_size", ("finite", "less than or equal")],
+                 id="infinite-step-size"),
+    pytest.param(put("layer.0.name", "a.b"), [], ["layer.0.name", "identifier", "'a.b'"], id="step-name-with-a-dot"),
+    pytest.param(put("layer.0.name", "forward"), [], ["layer.0.name", "reserved"], id="step-name-forward"),
+    pytest.param(put("layer.0.name", ""), [], ["layer.0.name", "identifier"], id="step-name-empty"),
+    pytest.param(put("layer.1.name", "compress"), [], ["layer", "unique", "compress, compress"], id="step-names-repeat"),
+    pytest.param(put("name", "../../x"), [], ["field name", "one file name", "'../../x'"], id="name-escapes-build"),
+    pytest.param(put("name", "/tmp/x"), [], ["field name", "one file name"], id="name-absolute"),
+    pytest.param(put("architecture.width", 10**6), [], ["architecture.width", "less than or equal to 16384"], id="huge-width"),
+    pytest.param(put("architecture.depth", 10**5), [], ["architecture.depth", "less than or equal to 512"], id="huge-depth"),
+    pytest.param(put("layer.0.relax.0", {"neumann": 1000}), [], ["neumann", "order", "less than or equal to 16"],
+                 id="huge-neumann-order"),
+    pytest.param(put("layer.1.iterations", 1000), [], ["layer.1.iterations", "less than or equal to 64"], id="huge-iterations"),
+    pytest.param(put("architecture.patch_size", 1), ["--set", "architecture.image_size=8192"], ["65,536"], id="too-many-tokens"),
+    pytest.param(lambda data: None, ["--set", "layer.99.name=x"], ["--set layer.99.name", "not an item of a list of 2"],
+                 id="set-index-out-of-range"),
+    pytest.param(lambda data: None, ["--set", "name.x=1"], ["--set name.x", "name is a value"], id="set-into-a-value"),
 ]
+
+#: "billion laughs": nine levels of nine aliases each, 387 million values once expanded
+BOMB = "lol0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"lol{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]\n" for i in range(1, 9))
 
 
 def write_recipe(tmp_path: Path, mutate) -> Path:
@@ -130,7 +168,8 @@ def write_recipe(tmp_path: Path, mutate) -> Path:
         return path  # never written: the missing-file case
     if isinstance(mutate, tuple):
         _, rewrite = mutate
-        path.write_text(rewrite(TINY.read_text()))
+        text = rewrite(TINY.read_text())
+        path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
     else:
         data = copy.deepcopy(BASE)
         mutate(data)

@@ -67,7 +67,7 @@ def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
         try:
             value = read_yaml(raw, "--set")
         except UnrollError as e:
-            raise UnrollError(f"--set {excerpt(key, 40)}: the value {excerpt(raw)} is not valid YAML "
+            raise UnrollError(f"--set {key[:40]}: the value {excerpt(raw)} is not valid YAML "
                               f"({e.message})", where=source) from None
         node: Any = data
         for depth, part in enumerate(parts):
@@ -75,7 +75,7 @@ def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
             here = ".".join(parts[: depth + 1])
             if isinstance(node, list):
                 if not (part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node)):
-                    raise UnrollError(f"--set {excerpt(key, 40)}: {here} is not an item of a list of {len(node)}", where=source)
+                    raise UnrollError(f"--set {key[:40]}: {here} is not an item of a list of {len(node)}", where=source)
                 if last:
                     node[int(part)] = value
                 else:
@@ -86,7 +86,7 @@ def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
                 else:
                     node = node.setdefault(part, {})
             else:
-                raise UnrollError(f"--set {excerpt(key, 40)}: {'.'.join(parts[:depth])} is a value, not a mapping or list",
+                raise UnrollError(f"--set {key[:40]}: {'.'.join(parts[:depth])} is a value, not a mapping or list",
                                   where=source)
     return data
 

@@ -32,6 +32,11 @@ class _StrictLoader(yaml.SafeLoader):
     """The safe loader, refusing duplicate and unhashable keys (keys a ``<<`` merge brings in may
     be overridden: that is what merging is for)."""
 
+    # plain data only: no timestamps, binary, sets or pairs (a recipe needs none, and PyYAML's own
+    # constructors for them raise assorted exceptions on malformed input)
+    yaml_constructors = {tag: f for tag, f in yaml.SafeLoader.yaml_constructors.items()
+                         if tag is None or tag.rsplit(":", 1)[-1] in ("null", "bool", "int", "float", "str", "seq", "map")}
+
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict[Any, yaml.Node] = {}
         for key_node, _ in node.value:
