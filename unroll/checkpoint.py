@@ -1,33 +1,90 @@
-"""Saving and loading built models' weights: safetensors, written atomically."""
+"""Saving and loading built models' weights: safetensors with a digest of the tensors.
+
+``save_weights`` stores, in the file's safetensors ``__metadata__``, the format version
+(:data:`FORMAT_KEY`) and a sha256 over the sorted tensor names, dtypes, shapes and raw bytes
+(:data:`DIGEST_KEY`); ``load_weights`` recomputes it, so flipped bytes in the data section are an
+error rather than silently wrong weights. Loading also refuses NaN/inf tensors and tensors that
+do not fit the model, and converts other floating dtypes (with a note). Files are written whole
+(temporary name, fsync, rename): a crash never leaves half a checkpoint under the final name.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as encode_safetensors
 
-from unroll.errors import UnrollError
-from unroll.files import atomic_write
+from unroll.errors import UnrollError, note
+from unroll.files import Writer, atomic_write, write_durably
+from unroll.finite import name_list, nonfinite_names
+
+#: ``__metadata__`` key of the format version of a file ``save_weights`` wrote
+FORMAT_KEY = "unroll.format"
+#: ``__metadata__`` key of the sha256 of the tensors (see :func:`tensor_digest`)
+DIGEST_KEY = "unroll.sha256"
+FORMAT = "1"
 
 
-def save_weights(state: dict[str, torch.Tensor], path: str | Path) -> None:
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the sorted names, dtypes, shapes and raw bytes: independent of the file's
+    header layout, so it checks what is loaded, not how it was serialised."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # any dtype, bfloat16 included, as bytes
+    return h.hexdigest()
+
+
+def encode(state: dict[str, torch.Tensor]) -> bytes:
+    """The safetensors bytes of ``state``, with the format version and the digest."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp))
+    return encode_safetensors(tensors, metadata={FORMAT_KEY: FORMAT, DIGEST_KEY: tensor_digest(tensors)})
 
 
-def load_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load a safetensors file into ``model``; any key or shape mismatch is an :class:`UnrollError`."""
+def weights_writer(state: dict[str, torch.Tensor]) -> Writer:
+    """Writes :func:`encode` of ``state`` (encoded now, so later edits of the weights don't show)."""
+    data = encode(state)
+    return lambda tmp: write_durably(tmp, data)
+
+
+def save_weights(state: dict[str, torch.Tensor], path: str | Path) -> Path:
+    return atomic_write(Path(path), weights_writer(state))
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, its digest verified (a file without one, from an
+    older ``unroll`` or elsewhere, loads with a note)."""
     path = Path(path)
     if not path.is_file():
         raise UnrollError("no such checkpoint file", where=str(path))
     try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UnrollError(f"not a readable safetensors file ({e})", where=str(path)) from None
-    check_state(model.state_dict(), state, str(path))
-    model.load_state_dict(state, strict=True)
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        reason = str(e).rsplit(": ", 1)[-1][:80] or type(e).__name__  # safetensors' reason, not its whole chain
+        raise UnrollError(f"not a safetensors checkpoint (truncated, or another format: {reason})", where=str(path)) from None
+    version = metadata.get(FORMAT_KEY, FORMAT)
+    if version != FORMAT:
+        raise UnrollError(f"expected checkpoint format {FORMAT}, found format {version!r} (written by another "
+                          "version of unroll)", where=str(path))
+    if DIGEST_KEY not in metadata:
+        note("this checkpoint carries no digest of its tensors, so it cannot be checked for corruption", str(path))
+    elif tensor_digest(tensors) != metadata[DIGEST_KEY]:
+        raise UnrollError("the tensors do not match the digest stored with them (corrupted file)", where=str(path))
+    return tensors
+
+
+def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse NaN/inf: such weights make every output NaN, far from where they came from."""
+    bad = nonfinite_names(state)
+    if bad:
+        raise UnrollError(f"NaN or inf values in {len(bad)} tensor(s): {name_list(bad)}", where=where)
 
 
 def check_state(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], where: str) -> None:
@@ -47,3 +104,26 @@ def check_state(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor
         problems.append("shape mismatches: " + "; ".join(wrong))
     if problems:
         raise UnrollError("checkpoint does not fit the model built from the recipe\n  " + "\n  ".join(problems), where=where)
+
+
+def fit(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """``found`` checked against the model's ``expected`` state: keys, shapes, finite values and
+    dtypes; another floating dtype is converted (and said), anything else refused."""
+    check_state(expected, found, where)
+    check_finite(found, where)
+    refused = [f"{k} ({found[k].dtype}, expected {expected[k].dtype})" for k in expected
+               if found[k].dtype != expected[k].dtype
+               and not (found[k].is_floating_point() and expected[k].is_floating_point())]
+    if refused:
+        raise UnrollError(f"tensors of the wrong kind: {name_list(refused)}", where=where)
+    converted = sorted({f"{found[k].dtype} to {expected[k].dtype}".replace("torch.", "")
+                        for k in expected if found[k].dtype != expected[k].dtype})
+    if converted:
+        note(f"converted tensors from {', '.join(converted)} to fit the model", where)
+    return {k: v.to(expected[k].dtype) for k, v in found.items()}
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Load a safetensors file into ``model``; every problem is an :class:`UnrollError`."""
+    state = fit(model.state_dict(), read_tensors(path), str(path))
+    model.load_state_dict(state, strict=True)

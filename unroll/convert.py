@@ -10,6 +10,7 @@ recipe may name its steps freely.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from einops import rearrange
 
 from unroll.checkpoint import check_state, save_weights
 from unroll.errors import UnrollError
+from unroll.files import output_folder
 
 # per-layer reference key suffix -> (step index in the layer, parameter, einops pattern or None)
 _MSSA = {
@@ -112,10 +114,14 @@ def read_reference(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise UnrollError("no such checkpoint file", where=str(path))
+    if path.stat().st_size == 0:
+        raise UnrollError("not a PyTorch checkpoint: the file is empty", where=str(path))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols it then reads or refuses anyway
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe files
-        raise UnrollError(f"cannot read the checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})", where=str(path)) from None
+        raise UnrollError(_unreadable(e), where=str(path)) from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -123,6 +129,18 @@ def read_reference(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UnrollError("expected a state_dict of tensors (or one under 'state_dict' or 'model')", where=str(path))
     return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _unreadable(e: Exception) -> str:
+    """torch's error, told short: without its advice to retry with ``weights_only=False``, which
+    would let the file run arbitrary code."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    if found := re.search(r"Unsupported global: GLOBAL (\S+)", text):
+        return (f"the checkpoint holds a Python object ({found.group(1)}), not only tensors; unroll loads tensors "
+                "only, as unpickling objects could run code: save just the state_dict (torch.save(model.state_dict(), F))")
+    text = text.split("WeightsUnpickler error:", 1)[-1]  # past torch's advice, to its reason
+    reason = next((line.strip() for line in text.splitlines() if line.strip()), "").split(". ")[0]
+    return f"not a PyTorch checkpoint, or a damaged one ({type(e).__name__}{': ' + reason[:100] if reason else ''})"
 
 
 def detect_layout(reference: dict[str, torch.Tensor], where: str) -> Layout:
@@ -178,7 +196,10 @@ def convert(recipe, checkpoint: str | Path, out: str | Path) -> tuple[Path, Layo
     """``unroll convert``: read a reference checkpoint, check it against RECIPE, write safetensors."""
     from unroll.api import build
 
+    out = Path(out)
+    if out.is_dir():  # checked first: a bad --out should not cost a read of a large checkpoint
+        raise UnrollError("--out must name a file (e.g. model.safetensors), and this is a folder", where=str(out))
+    output_folder(out.parent, "the folder of --out")
     model = build(recipe)  # names the recipe in its errors
     state, layout, dropped = convert_reference(read_reference(checkpoint), model, str(checkpoint))
-    save_weights(state, out)
-    return Path(out), layout, dropped
+    return save_weights(state, out), layout, dropped

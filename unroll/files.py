@@ -50,24 +50,33 @@ def writing(where: str | Path) -> Iterator[None]:
 
 
 def output_folder(path: str | Path, option: str = "--out") -> Path:
-    """Make sure ``path`` is a folder this process can write into (creating it and its parents)
-    before any work is done, so a bad ``--out`` fails in a second, not after an hour."""
+    """Check, before any work is done, that ``path`` is or can become a folder this process can
+    write into, so a bad ``--out`` fails in a second rather than after an hour. Nothing is
+    created: a run that fails leaves no empty folder behind (the writers create it)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UnrollError(f"{option} must be a folder, and this is an existing file", where=str(path))
-    with writing(path):
-        path.mkdir(parents=True, exist_ok=True)
-    if not os.access(path, os.W_OK | os.X_OK):
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing != path and not existing.is_dir():
+        raise UnrollError(f"{option}: cannot make this folder: {existing} is a file", where=str(path))
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise UnrollError(f"{option}: cannot write here: permission denied", where=str(path))
     return path
 
 
 def write_files(folder: str | Path, writers: dict[str, Writer]) -> list[Path]:
     """Write each ``name -> write(tmp)`` into ``folder``: all staged first under temporary names,
-    then renamed. Any failure removes every temporary and renames nothing (a file another
-    process holds open, or an interrupted rename loop, is the only way to see a mix)."""
+    then renamed. Any failure removes every temporary, and the folders this call created, and
+    renames nothing (only a failure between two renames, which cannot run out of space, leaves a
+    mix of new and old files)."""
     folder = Path(folder)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
     staged: list[tuple[str, Path]] = []
+    done = False
     try:
         with writing(folder):
             folder.mkdir(parents=True, exist_ok=True)
@@ -83,11 +92,29 @@ def write_files(folder: str | Path, writers: dict[str, Writer]) -> list[Path]:
             for tmp, final in staged:
                 with writing(final):
                     os.replace(tmp, final)
+        done = True
     finally:
         for tmp, _ in staged:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+        if not done:
+            for path in created:  # innermost first; a folder someone else filled meanwhile stays
+                with contextlib.suppress(OSError):
+                    path.rmdir()
     return [final for _, final in staged]
+
+
+def write_durably(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync it: after a rename onto the final name, a power cut
+    leaves the new content or the old, never an empty file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:  # os.write may write less than asked
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: str | Path, write: Writer) -> Path:

@@ -2,14 +2,18 @@
 
 Data order depends only on the seed and the epoch, the RNG state is checkpointed, and the
 learning rate follows a per-step schedule that is checkpointed too, so ``--resume`` continues
-exactly where a run stopped. Under ``torchrun`` every process trains a disjoint share of each
-global batch inside torch's DistributedDataParallel (gloo on CPU, nccl on GPU); with equal shares,
-the averaged gradient is the single-process gradient of the global batch.
+exactly where a run stopped. Each epoch ends with a row of ``metrics.csv``, a checkpoint folder
+published whole (see :mod:`unroll.train.state`) and one plain line on the console (flushed, so a
+redirected run can be followed); the live progress bar is drawn only on a terminal. A NaN or
+infinite loss or weight stops the run with an error before anything non-finite is saved. Under
+``torchrun`` every process trains a disjoint share of each global batch inside torch's
+DistributedDataParallel (gloo on CPU, nccl on GPU); with equal shares, the averaged gradient is
+the single-process gradient of the global batch.
 """
 
 from __future__ import annotations
 
-import csv
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -21,8 +25,9 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from unroll.files import write_csv
-from unroll.errors import UnrollError, located
+from unroll.finite import name_list, nonfinite_names
+from unroll.errors import UnrollError, located, note
+from unroll.files import output_folder, write_csv
 from unroll.train import data as datasets
 from unroll.train import state
 from unroll.train.optim import make_optimizer, warmup_cosine
@@ -92,7 +97,8 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
           stop_after: int | None = None, console: Console | None = None) -> list[dict]:
     """Train ``recipe_path``'s classifier; returns the metrics rows (one per epoch).
 
-    ``stop_after``: leave after this many epochs of this run (to test resuming).
+    ``stop_after``: leave after this many epochs of this run (to test resuming). Ctrl-C
+    (``KeyboardInterrupt``) propagates; the checkpoints already published stay whole.
     """
     from unroll.api import build
     from unroll.recipe import load_recipe, write_recipe
@@ -105,6 +111,10 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
         torch.cuda.set_device(dev)
     world = _world(dev)
     recipe = load_recipe(recipe_path, overrides or [])
+    if world.main:  # a bad --out fails now, not after the first epoch
+        output_folder(out)
+    if resume and not out.is_dir():
+        raise UnrollError("nothing to resume: no such folder", where=str(out))
     t, a = recipe.training, recipe.architecture
     if recipe.decoder is not None:
         raise UnrollError("unroll train trains classifiers; this recipe builds a masked autoencoder", where=str(recipe_path))
@@ -133,28 +143,35 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
     rows: list[dict] = []
     start = 0
     if resume:
-        record = state.load(out, model, optimizer, scheduler, info["recipe"])
+        record = state.load(out, model, optimizer, scheduler, info["recipe"], main=world.main)
         if record["seed"] != seed:
             raise UnrollError(f"the run was started with --seed {record['seed']}, not {seed}", where=str(out))
         if record["data"] != info["data"]:
             raise UnrollError(f"the run was started on --data {record['data']}, not {info['data']}", where=str(out))
-        start = record["epoch"]
-        rows = _read_metrics(out / "metrics.csv")[:start]
+        start, rows = record["epoch"], record["metrics"]
+        if world.main:  # rows past the checkpoint (from a crash before it was published) are dropped
+            write_csv(out / "metrics.csv", rows, METRICS)
     elif world.main:
+        if state.checkpoints(out):
+            note("this folder holds checkpoints of an earlier run; this new run replaces them "
+                 "(--resume continues a run)", str(out))
         write_recipe(recipe, out / "recipe.yaml")
     net = model
     if world.size > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
 
+    # off a terminal a live bar shows nothing until the end: there, the per-epoch lines only
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
-                        TimeElapsedColumn(), console=console, disable=not world.main)
+                        TimeElapsedColumn(), console=console, disable=not (world.main and console.is_terminal))
+    task = progress.add_task("", total=steps_per_epoch, status="")
     with progress:
         for epoch in range(start, t.epochs if stop_after is None else min(t.epochs, start + stop_after)):
             began = time.perf_counter()
             order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
             shifts = torch.Generator().manual_seed(seed * 7_919 + epoch)
-            task = progress.add_task(f"epoch {epoch + 1}/{t.epochs}", total=steps_per_epoch, status="")
+            # one bar, reset each epoch: a bar per epoch would push the current one off a short terminal
+            progress.reset(task, total=steps_per_epoch, description=f"epoch {epoch + 1}/{t.epochs}", status="")
             seen, loss_sum, correct = 0, 0.0, 0
             for step in range(steps_per_epoch):
                 batch = order[step * t.batch_size: (step + 1) * t.batch_size]
@@ -171,8 +188,14 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
                     torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
                 optimizer.step()
                 scheduler.step()
+                value = loss.item()
+                if not math.isfinite(value):  # every later step and checkpoint would be NaN too
+                    raise UnrollError(f"the loss became {'NaN' if math.isnan(value) else 'infinite'} at epoch "
+                                      f"{epoch + 1} step {step + 1}; lower training.lr (now {t.lr:g}); the "
+                                      "checkpoints of earlier epochs are kept",
+                                      where=str(recipe_path))
                 seen += len(y)
-                loss_sum += loss.item() * len(y)
+                loss_sum += value * len(y)
                 correct += (logits.argmax(-1) == y).sum().item()
                 rate = seen * world.size / (time.perf_counter() - began)
                 progress.update(task, advance=1, status=f"loss {loss_sum / seen:.3f}  acc {correct / seen:.3f}  {rate:.0f} img/s")
@@ -184,17 +207,17 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
             row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen, "val_loss": val_loss,
                    "val_acc": val_acc, "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - began}
             rows.append(row)
-            progress.update(task, status=f"loss {row['train_loss']:.3f}  val loss {val_loss:.3f}  val acc {val_acc:.3f}")
-            if world.main:  # metrics first: the state is the commit, and a resume re-reads rows up to it
+            if bad := nonfinite_names(model.state_dict()):
+                raise UnrollError(f"the weights became NaN or inf at epoch {epoch + 1} ({name_list(bad)}); lower "
+                                  f"training.lr (now {t.lr:g}); the checkpoints of earlier epochs are kept",
+                                  where=str(recipe_path))
+            if world.main:  # the checkpoint is the commit; metrics.csv is rewritten from it on resume
                 write_csv(out / "metrics.csv", rows, METRICS)
-                state.save(out, model, optimizer, scheduler, epoch + 1, info)
+                state.save(out, model, optimizer, scheduler, epoch + 1, info, rows)
+                console.print(
+                    f"epoch {epoch + 1}/{t.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
+                    f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {row['lr']:.3g}  {row['seconds']:.1f} s",
+                    highlight=False, markup=False, soft_wrap=True)
     if world.size > 1:
         dist.barrier()
     return rows
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open() as f:
-        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]

@@ -1,10 +1,21 @@
-"""Training checkpoints: weights and optimiser tensors as safetensors, the rest as JSON.
+"""Training checkpoints, each a folder written whole and published by one rename.
 
-``DIR/model.safetensors`` holds the model's weights (what ``unroll.build(recipe, checkpoint=...)``
-loads); ``DIR/train_state.safetensors`` the optimiser's tensors and the RNG state;
-``DIR/train_state.json`` the epoch, the schedule, the optimiser's scalars, a digest of the
-resolved recipe and of both tensor files. Every file is written to a temporary name and renamed,
-the JSON last: a crash leaves the previous checkpoint whole, and a resume checks the digests.
+Layout of a run folder ``OUT``::
+
+    OUT/checkpoints/epoch-0007/model.safetensors        the weights
+                              train_state.safetensors  optimiser tensors, RNG state
+                              train_state.json         epoch, schedule, optimiser scalars,
+                                                       metrics rows, recipe digest, file digests
+    OUT/checkpoints/epoch-0008/...                     the newest (the last KEEP are kept)
+    OUT/model.safetensors                              a copy of the newest weights, for users
+    OUT/metrics.csv, OUT/recipe.yaml
+
+A checkpoint is built under a temporary name (``checkpoints/.tmp-…``), every file fsynced, then
+renamed to ``epoch-NNNN`` in one atomic step: a crash at any moment leaves either the new folder
+complete or none, and the previous checkpoints untouched (older ones are deleted only after the
+new one is published). Resuming takes the newest checkpoint whose JSON validates and whose
+digests match, and removes leftover temporary folders. ``OUT/model.safetensors`` is replaced
+atomically after each publication; resuming never reads it.
 """
 
 from __future__ import annotations
@@ -12,19 +23,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import re
+import secrets
+import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from unroll.checkpoint import check_state
-from unroll.errors import UnrollError
+from unroll.checkpoint import check_finite, encode, fit, read_tensors, save_weights
+from unroll.errors import UnrollError, note
+from unroll.files import os_error, write_durably, writing
 
+CHECKPOINTS = "checkpoints"
 STATE_JSON = "train_state.json"
 STATE_TENSORS = "train_state.safetensors"
 WEIGHTS = "model.safetensors"
+#: temporary folders (being built, or being deleted) start with this; anything named so is debris
+TMP_PREFIX = ".tmp-"
+#: checkpoints kept: the newest and the one before, in case the newest is damaged later
+KEEP = 2
+_NAME = re.compile(r"epoch-(\d{4,})")
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"epoch-{epoch:04d}"
 
 
 def digest(path: Path) -> str:
@@ -37,12 +59,21 @@ def recipe_digest(recipe) -> str:
     return hashlib.sha256(json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
+def checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """The published checkpoint folders of a run, newest first (not yet validated)."""
+    folder = Path(out) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.fullmatch(p.name)) and p.is_dir()]
+    return sorted(found, reverse=True)
+
+
 def _split_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, scalars = {}, {"param_groups": state["param_groups"], "state": {}}
     for index, entry in state["state"].items():
         for name, value in entry.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{index}.{name}"] = value.detach().contiguous().cpu()
+                tensors[f"optimizer.{index}.{name}"] = value
             else:
                 scalars["state"].setdefault(str(index), {})[name] = value
     return tensors, scalars
@@ -59,66 +90,140 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], scalars: dict) -> dict:
     return {"state": state, "param_groups": scalars["param_groups"]}
 
 
-def save(folder: Path, model: torch.nn.Module, optimizer, scheduler, epoch: int, info: dict) -> None:
-    """All three files are written to temporary names first and renamed only when all are
-    complete, the JSON last: a failure while writing leaves the previous checkpoint as it was."""
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+def save(out: Path, model: torch.nn.Module, optimizer, scheduler, epoch: int, info: dict, metrics: list[dict]) -> Path:
+    """Publish ``OUT/checkpoints/epoch-NNNN``, then prune older checkpoints and refresh
+    ``OUT/model.safetensors``. Returns the checkpoint folder."""
+    root = Path(out) / CHECKPOINTS
+    final = root / checkpoint_name(epoch)
+    weights = model.state_dict()
     tensors, scalars = _split_optimizer(optimizer.state_dict())
     tensors["rng.torch"] = torch.get_rng_state()
-    staged: list[tuple[Path, Path]] = []
+    files = {WEIGHTS: encode(weights), STATE_TENSORS: encode(tensors)}
+    record = {
+        **info,
+        "epoch": epoch,
+        "optimizer": scalars,
+        "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
+        "metrics": metrics,
+        "files": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
+    }
+    files[STATE_JSON] = json.dumps(record, indent=1).encode()
+    tmp = root / f"{TMP_PREFIX}{final.name}.{secrets.token_hex(4)}"
     try:
-        for name, content in ((WEIGHTS, weights), (STATE_TENSORS, tensors)):
-            tmp = _temporary(folder, name)
-            staged.append((tmp, folder / name))
-            save_file(content, str(tmp))
-        record = {
-            **info,
-            "epoch": epoch,
-            "optimizer": scalars,
-            "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
-            "files": {final.name: digest(tmp) for tmp, final in staged},
-        }
-        tmp = _temporary(folder, STATE_JSON)
-        staged.append((tmp, folder / STATE_JSON))
-        tmp.write_text(json.dumps(record, indent=1))
-        for tmp, final in staged:
-            os.replace(tmp, final)
+        os.makedirs(root, exist_ok=True)
+        os.mkdir(tmp)
+        for name, data in files.items():
+            write_durably(tmp / name, data)
+        _sync(tmp)
+        if final.exists():  # a damaged epoch-N that the resume skipped: set it aside, then replace it
+            os.rename(final, root / f"{TMP_PREFIX}old-{final.name}.{secrets.token_hex(4)}")
+        os.rename(tmp, final)  # the commit
+        _sync(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise os_error(e, final) from None
+    except BaseException:  # Ctrl-C included: no debris, the previous checkpoints stay as they were
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    with writing(root):
+        _prune(Path(out), epoch)
+    save_weights(weights, Path(out) / WEIGHTS)
+    return final
+
+
+def _sync(folder: Path) -> None:
+    """fsync a folder: makes the names created or renamed in it durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
     finally:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
+        os.close(fd)
 
 
-def _temporary(folder: Path, name: str) -> Path:
-    fd, path = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(path)
+def _prune(out: Path, epoch: int) -> None:
+    """Keep the ``KEEP`` checkpoints up to ``epoch``; drop the rest (older ones, and newer ones a
+    new run in an old folder has superseded) and every leftover temporary folder. Each is first
+    renamed to a temporary name, so a crash midway never leaves a half-deleted ``epoch-NNNN``."""
+    root = out / CHECKPOINTS
+    for n, folder in checkpoints(out):
+        if not epoch - KEEP < n <= epoch:
+            doomed = root / f"{TMP_PREFIX}old-{folder.name}.{secrets.token_hex(4)}"
+            os.rename(folder, doomed)
+    clean(out)
 
 
-def load(folder: Path, model: torch.nn.Module, optimizer, scheduler, expected_recipe: str) -> dict:
-    """Restore everything ``save`` wrote; returns the JSON record. Errors name the problem."""
+def clean(out: Path) -> None:
+    """Remove what an interrupted save left: temporary checkpoint folders and the temporary file
+    of ``OUT/model.safetensors``."""
+    debris = [*(Path(out) / CHECKPOINTS).glob(f"{TMP_PREFIX}*"), *Path(out).glob(f".{WEIGHTS}.*.tmp")]
+    for path in debris:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+_FIELDS = {"epoch": int, "recipe": str, "seed": int, "data": str, "world_size": int, "optimizer": dict,
+           "scheduler": dict, "metrics": list, "files": dict}
+
+
+def read_record(folder: Path, epoch: int) -> dict:
+    """The checkpoint's JSON, checked: its fields, its epoch, and both tensor files' digests."""
     path = folder / STATE_JSON
-    if not path.is_file():
-        raise UnrollError("nothing to resume: no training state here", where=str(path))
     try:
         record = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UnrollError(f"the training state is not valid JSON ({e})", where=str(path)) from None
-    if record.get("recipe") != expected_recipe:
-        raise UnrollError("this checkpoint was trained from another recipe: its architecture, objective, layer or "
-                          "training settings differ from the ones given now", where=str(path))
-    for name, expected in record.get("files", {}).items():
+    except FileNotFoundError:
+        raise UnrollError(f"{STATE_JSON} is missing", where=str(folder)) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UnrollError(f"not a valid training state ({type(e).__name__})", where=str(path)) from None
+    wrong = [f"{k} (expected {t.__name__})" for k, t in _FIELDS.items()
+             if not isinstance(record.get(k) if isinstance(record, dict) else None, t)]
+    if wrong:
+        raise UnrollError(f"missing or malformed fields: {', '.join(wrong)}", where=str(path))
+    if record["epoch"] != epoch or len(record["metrics"]) != epoch:
+        raise UnrollError(f"expected epoch {epoch} and {epoch} metrics rows, found epoch {record['epoch']} "
+                          f"and {len(record['metrics'])} rows", where=str(path))
+    for name in (WEIGHTS, STATE_TENSORS):
         file = folder / name
-        if not file.is_file() or digest(file) != expected:
-            raise UnrollError(f"{name} does not match the training state (missing, truncated or replaced)", where=str(file))
-    try:
-        weights = load_file(str(folder / WEIGHTS))
-        tensors = load_file(str(folder / STATE_TENSORS))
-    except (SafetensorError, OSError) as e:
-        raise UnrollError(f"unreadable checkpoint ({e})", where=str(folder)) from None
-    check_state(model.state_dict(), weights, str(folder / WEIGHTS))
+        if not file.is_file() or digest(file) != record["files"].get(name):
+            raise UnrollError(f"does not match the digest in {STATE_JSON} (missing, truncated or replaced)", where=str(file))
+    return record
+
+
+def latest(out: Path) -> tuple[Path, dict]:
+    """The newest complete checkpoint and its record; damaged ones are skipped with a note."""
+    found = checkpoints(out)
+    if not found:
+        raise UnrollError(f"nothing to resume: no {CHECKPOINTS}/epoch-NNNN folder here (start the run without "
+                          "--resume, or give the --out of the run to continue)", where=str(out))
+    problems = []
+    for epoch, folder in found:
+        try:
+            record = read_record(folder, epoch)
+        except UnrollError as e:
+            problems.append(e.render())
+            continue
+        for problem in problems:
+            note(f"skipped a damaged checkpoint: {problem}")
+        return folder, record
+    raise UnrollError("nothing to resume: every checkpoint is damaged\n  " + "\n  ".join(problems), where=str(out))
+
+
+def load(out: Path, model: torch.nn.Module, optimizer, scheduler, expected_recipe: str, main: bool = True) -> dict:
+    """Restore the newest complete checkpoint into the model, optimiser, scheduler and RNG;
+    returns its record. ``main``: this process tidies up (one process of a distributed run)."""
+    folder, record = latest(out)
+    if record["recipe"] != expected_recipe:
+        raise UnrollError("this checkpoint was trained from another recipe: its architecture, objective, layer or "
+                          "training settings differ from the ones given now", where=str(folder))
+    weights = fit(model.state_dict(), read_tensors(folder / WEIGHTS), str(folder / WEIGHTS))
+    tensors = read_tensors(folder / STATE_TENSORS)
+    check_finite(tensors, str(folder / STATE_TENSORS))
     model.load_state_dict(weights)
     optimizer.load_state_dict(_join_optimizer(tensors, record["optimizer"]))
     scheduler.load_state_dict({**record["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
     torch.set_rng_state(tensors["rng.torch"])
+    if main:
+        clean(out)
+        save_weights(weights, Path(out) / WEIGHTS)  # a crash may have come before this copy was refreshed
     return record

@@ -1,0 +1,371 @@
+"""Checkpoints: weights files carry a digest and are refused when damaged or non-finite; a training
+checkpoint is a folder published by one rename, so a crash after any file-system operation of a
+save (simulated for every one of them) resumes to the same weights as an uninterrupted run; Ctrl-C
+exits 130 with a resumable checkpoint; a NaN loss stops the run; convert refuses non-checkpoints."""
+
+import argparse
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from io import StringIO
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import unroll.train.loop as loop
+from unroll.checkpoint import DIGEST_KEY, FORMAT_KEY, load_weights, read_tensors, save_weights
+from unroll.cli import main
+from unroll.errors import UnrollError
+from unroll.train import data as datasets
+from unroll.train import state
+from unroll.train.loop import train
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "recipes/crate_digits.yaml"
+SMALL = ["architecture.width=32", "architecture.depth=2"]
+QUIET = Console(file=open(os.devnull, "w"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Many short runs: one thread each is faster than two fighting other processes for two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def model_of(names: list[str]) -> torch.nn.Module:
+    return torch.nn.ParameterDict({n: torch.nn.Parameter(torch.randn(3, 2)) for n in names})
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [a for s in overrides for a in ("--set", s)]
+
+
+def error_of(call) -> str:
+    with pytest.raises(UnrollError) as e:
+        call()
+    return str(e.value)
+
+
+# --- weights files --------------------------------------------------------------------------------
+
+
+def test_weights_carry_a_digest_and_flipped_bytes_are_refused(tmp_path):
+    model = model_of(["a", "b"])
+    path = save_weights(model.state_dict(), tmp_path / "w.safetensors")
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    assert metadata[FORMAT_KEY] == "1" and len(metadata[DIGEST_KEY]) == 64
+    load_weights(model_of(["a", "b"]), path)  # intact: loads
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40  # a bit of the last tensor's data
+    path.write_bytes(bytes(data))
+    message = error_of(lambda: load_weights(model_of(["a", "b"]), path))
+    assert str(path) in message and "do not match the digest stored with them (corrupted file)" in message
+
+
+def test_a_file_without_a_digest_loads_with_a_note(tmp_path, capsys):
+    model = model_of(["a"])
+    save_file({"a": torch.ones(3, 2)}, str(tmp_path / "plain.safetensors"))
+    load_weights(model, tmp_path / "plain.safetensors")
+    assert torch.equal(model["a"].detach(), torch.ones(3, 2))
+    assert "no digest" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"", b"\x08\x00\x00\x00\x00\x00\x00\x00{}", b"not a checkpoint at all"])
+def test_truncated_or_foreign_files_are_not_safetensors(tmp_path, content):
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(content)
+    message = error_of(lambda: load_weights(model_of(["a"]), path))
+    assert "not a safetensors checkpoint" in message and len(message) < len(str(path)) + 140
+
+
+def test_a_cut_off_data_section_is_not_safetensors(tmp_path):
+    path = save_weights(model_of(["a"]).state_dict(), tmp_path / "w.safetensors")
+    path.write_bytes(path.read_bytes()[:-4])
+    assert "not a safetensors checkpoint" in error_of(lambda: load_weights(model_of(["a"]), path))
+
+
+def test_nan_and_inf_are_refused_naming_at_most_five_tensors(tmp_path):
+    names = [f"p{i}" for i in range(8)]
+    state = {n: torch.zeros(3, 2) for n in names}
+    for i, n in enumerate(names[:7]):
+        state[n][0, 0] = float("nan") if i % 2 else float("inf")
+    save_weights(state, tmp_path / "w.safetensors")
+    message = error_of(lambda: load_weights(model_of(names), tmp_path / "w.safetensors"))
+    assert "NaN or inf values in 7 tensor(s): p0, p1, p2, p3, p4 and 2 more" in message and "p7" not in message
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_another_floating_dtype_is_converted_with_a_note(tmp_path, capsys, dtype):
+    values = torch.tensor([[0.5, -1.0], [2.0, 0.25], [1.5, 3.0]])
+    save_weights({"a": values.to(dtype)}, tmp_path / "w.safetensors")
+    model = model_of(["a"])
+    load_weights(model, tmp_path / "w.safetensors")
+    assert model["a"].dtype == torch.float32 and torch.equal(model["a"].detach(), values)
+    assert f"{str(dtype).removeprefix('torch.')} to float32" in capsys.readouterr().err
+
+
+def test_an_integer_tensor_for_a_float_parameter_is_refused(tmp_path):
+    save_weights({"a": torch.ones(3, 2, dtype=torch.int64)}, tmp_path / "w.safetensors")
+    message = error_of(lambda: load_weights(model_of(["a"]), tmp_path / "w.safetensors"))
+    assert "wrong kind" in message and "a (torch.int64, expected torch.float32)" in message
+
+
+# --- training checkpoints: a crash after every file-system operation of a save ---------------------
+
+#: the os functions a save changes the file system through (instrumented one by one)
+OPERATIONS = ("mkdir", "rmdir", "open", "write", "fsync", "rename", "replace", "unlink")
+CRASHED = 201
+
+
+def save_in_child(save, crash_after: int, out: Path, args: tuple) -> int:
+    """Run ``save(out, *args)`` in a forked child that counts its file-system operations and
+    dies by ``os._exit`` right after the ``crash_after``-th (0: never): no ``finally``, no cleanup,
+    as in a real crash. Returns the child's exit code: the operations counted, or ``CRASHED``."""
+    pid = os.fork()
+    if pid == 0:  # the child never returns into pytest
+        try:
+            count = 0
+
+            def counted(real):
+                def operation(*a, **k):
+                    nonlocal count
+                    result = real(*a, **k)  # a failed call (e.g. mkdir of an existing folder) changes nothing
+                    count += 1
+                    if count == crash_after:
+                        os._exit(CRASHED)
+                    return result
+                return operation
+
+            for name in OPERATIONS:
+                setattr(os, name, counted(getattr(os, name)))
+            save(out, *args)
+            os._exit(min(count, CRASHED - 1))
+        except BaseException:
+            traceback.print_exc()  # shown with the failing test
+            os._exit(255)
+    deadline = time.monotonic() + 120
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail("the saving child hung")
+        time.sleep(0.01)
+    return os.waitstatus_to_exitcode(done[1])
+
+
+def test_a_crash_after_any_operation_of_a_save_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    over = SMALL + ["training.epochs=4", "training.batch_size=256"]  # 5 steps an epoch
+    train(DIGITS, tmp_path / "full", seed=1, overrides=over, console=QUIET)
+    reference = load_file(str(tmp_path / "full" / state.WEIGHTS))
+    run = tmp_path / "run"
+    train(DIGITS, run, seed=1, overrides=over, console=QUIET, stop_after=2)
+
+    # during the epoch-3 save (which also prunes epoch 1 and refreshes model.safetensors), fork a
+    # child per operation that crashes right after it, each on its own copy of the run folder
+    crashed: list[Path] = []
+    real_save = state.save
+
+    def crash_everywhere(out, *args):
+        total = save_in_child(real_save, 0, shutil.copytree(out, tmp_path / "count"), args)
+        assert 20 <= total < CRASHED  # mkdir, then create/write/fsync three files, rename, prune, copy
+        for n in range(1, total + 1):
+            copy = shutil.copytree(out, tmp_path / f"crash-{n:02d}")
+            assert save_in_child(real_save, n, copy, args) == CRASHED
+            crashed.append(copy)
+        return real_save(out, *args)
+
+    monkeypatch.setattr(state, "save", crash_everywhere)
+    train(DIGITS, run, seed=1, overrides=over, console=QUIET, resume=True, stop_after=1)
+    monkeypatch.undo()
+
+    resumed_from = set()
+    for folder in crashed:
+        published = state.checkpoints(folder)
+        for epoch, checkpoint in published:  # never a half-written epoch-NNNN: each one validates
+            state.read_record(checkpoint, epoch)
+        assert [e for e, _ in published][:2] in ([2, 1], [3, 2]), folder
+        newest, record = state.latest(folder)
+        resumed_from.add(record["epoch"])
+        read_tensors(newest / state.WEIGHTS)  # digest verified
+        read_tensors(folder / state.WEIGHTS)  # the user's copy is whole too (old or new)
+        rows = train(DIGITS, folder, seed=1, overrides=over, console=QUIET, resume=True)
+        assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+        weights = load_file(str(folder / state.WEIGHTS))
+        assert max((weights[k] - reference[k]).abs().max().item() for k in reference) < 1e-6, folder
+        assert sorted(p.name for p in (folder / state.CHECKPOINTS).iterdir()) == ["epoch-0003", "epoch-0004"]
+        assert not list(folder.glob(".*.tmp"))
+        assert (folder / "metrics.csv").read_text().count("\n") == 5  # header and epochs 1-4
+    assert resumed_from == {2, 3}  # crashes before and after the commit were both simulated
+
+
+# --- training checkpoints: layout, resume, damage --------------------------------------------------
+
+
+def test_layout_keeps_the_last_two_checkpoints_and_a_user_copy(tmp_path):
+    train(DIGITS, tmp_path, overrides=SMALL + ["training.epochs=3"], console=QUIET)
+    root = tmp_path / state.CHECKPOINTS
+    assert sorted(p.name for p in root.iterdir()) == ["epoch-0002", "epoch-0003"]
+    for folder in root.iterdir():
+        assert sorted(p.name for p in folder.iterdir()) == sorted([state.WEIGHTS, state.STATE_TENSORS, state.STATE_JSON])
+    newest = load_file(str(root / "epoch-0003" / state.WEIGHTS))
+    copy = load_file(str(tmp_path / state.WEIGHTS))
+    assert all(torch.equal(newest[k], copy[k]) for k in newest)
+
+
+def test_resume_skips_damaged_checkpoints_and_cleans_leftovers(tmp_path, capsys):
+    over = SMALL + ["training.epochs=3"]
+    train(DIGITS, tmp_path, overrides=over, console=QUIET, stop_after=2)
+    root = tmp_path / state.CHECKPOINTS
+    (root / ".tmp-epoch-0003.dead").mkdir()  # left by a crash
+    (root / ".tmp-epoch-0003.dead" / state.WEIGHTS).write_bytes(b"half")
+    (root / "epoch-0002" / state.STATE_TENSORS).write_bytes(b"truncated")
+    rows = train(DIGITS, tmp_path, overrides=over, console=QUIET, resume=True, stop_after=1)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "skipped a damaged checkpoint" in err and "epoch-0002/train_state.safetensors" in err
+    assert [r["epoch"] for r in rows] == [1, 2]  # resumed from epoch 1
+    assert sorted(p.name for p in root.iterdir()) == ["epoch-0001", "epoch-0002"]  # the damaged one replaced
+    state.latest(tmp_path)
+    for folder in root.iterdir():  # every checkpoint left is complete
+        state.read_record(folder, int(folder.name[-4:]))
+
+
+def test_every_checkpoint_damaged_is_an_error(tmp_path, capsys):
+    over = SMALL + ["training.epochs=2"]
+    train(DIGITS, tmp_path, overrides=over, console=QUIET)
+    for folder in (tmp_path / state.CHECKPOINTS).iterdir():
+        (folder / state.STATE_JSON).write_text('{"epoch": "two"}')
+    assert main(["train", str(DIGITS), "--out", str(tmp_path), "--resume", *sets(over)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "every checkpoint is damaged" in err and "malformed fields: epoch (expected int)" in err
+
+
+def test_resume_with_nothing_to_resume(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "empty", tmp_path / "missing"):
+        assert main(["train", str(DIGITS), "--out", str(out), "--resume", *sets(SMALL)]) == 2
+        assert "nothing to resume" in capsys.readouterr().err
+    assert not (tmp_path / "missing").exists()
+
+
+def test_out_that_is_a_file_fails_before_training(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert main(["train", str(DIGITS), "--out", str(tmp_path / "file"), *sets(SMALL)]) == 2
+    assert "must be a folder, and this is an existing file" in capsys.readouterr().err
+
+
+# --- training output, NaN, Ctrl-C -----------------------------------------------------------------
+
+
+def test_off_a_terminal_one_plain_line_per_epoch_and_no_bar(tmp_path):
+    text = StringIO()
+    train(DIGITS, tmp_path, overrides=SMALL + ["training.epochs=3"], console=Console(file=text, width=60))
+    lines = text.getvalue().splitlines()
+    assert [line.split("  ")[0] for line in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert all("train loss" in line and "val loss" in line and " lr " in line and line.endswith(" s") for line in lines)
+
+
+def test_on_a_terminal_one_bar_for_all_epochs(tmp_path, monkeypatch):
+    added, real = [], loop.Progress.add_task
+    monkeypatch.setattr(loop.Progress, "add_task", lambda self, *a, **k: added.append(1) or real(self, *a, **k))
+    text = StringIO()
+    train(DIGITS, tmp_path, overrides=SMALL + ["training.epochs=3"], console=Console(file=text, force_terminal=True, width=120))
+    assert len(added) == 1  # a bar per epoch would push the current one off a short terminal
+    assert "━" in text.getvalue() and text.getvalue().count("epoch 3/3  train loss") == 1
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_finite_checkpoints(tmp_path, monkeypatch):
+    steps = len(datasets.split(datasets.digits())[0]) // 64
+    real, calls = torch.nn.functional.cross_entropy, []
+
+    def poisoned(logits, *a, **k):
+        if torch.is_grad_enabled():  # training, not evaluation
+            calls.append(1)
+            if len(calls) == steps + 3:
+                logits = logits * float("nan")
+        return real(logits, *a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
+    message = error_of(lambda: train(DIGITS, tmp_path, overrides=SMALL + ["training.epochs=3"], console=QUIET))
+    assert "the loss became NaN at epoch 2 step 3; lower training.lr" in message
+    assert [e for e, _ in state.checkpoints(tmp_path)] == [1]
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
+    real = loop.evaluate
+
+    def evaluate(model, *a, **k):
+        if len(state.checkpoints(tmp_path)) == 1:
+            with torch.no_grad():
+                next(model.parameters())[0] = float("inf")
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    message = error_of(lambda: train(DIGITS, tmp_path, overrides=SMALL + ["training.epochs=3"], console=QUIET))
+    assert "the weights became NaN or inf at epoch 2" in message
+    assert [e for e, _ in state.checkpoints(tmp_path)] == [1]
+
+
+def test_ctrl_c_exits_130_and_leaves_a_resumable_checkpoint(tmp_path):
+    over = SMALL + ["training.epochs=500"]
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "unroll", "train", str(DIGITS), "--out", str(out), "--device", "cpu",
+                             *sets(over)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first, deadline = "", time.monotonic() + 120
+        while not first.startswith("epoch 1/500") and time.monotonic() < deadline and proc.poll() is None:
+            if select.select([proc.stderr], [], [], 1)[0]:
+                first = proc.stderr.readline()
+        assert first.startswith("epoch 1/500"), "no epoch line while the run was going (not flushed?)"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    _, record = state.latest(out)
+    rows = train(DIGITS, out, overrides=over, console=QUIET, resume=True, stop_after=1)
+    assert [r["epoch"] for r in rows] == list(range(1, record["epoch"] + 2))
+    assert not list((out / state.CHECKPOINTS).glob(".tmp-*"))
+
+
+# --- convert --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["empty", "text", "namespace"])
+def test_convert_refuses_what_is_not_a_plain_pytorch_checkpoint(tmp_path, capsys, kind):
+    path = tmp_path / "reference.pth"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("hello, not a checkpoint\n")
+    else:
+        torch.save({"args": argparse.Namespace(lr=1), "model": {"w": torch.zeros(2)}}, path)
+    assert main(["convert", str(DIGITS), str(path), "--out", str(tmp_path / "w.safetensors")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert str(path) in err and "weights_only" not in err and "Traceback" not in err
+    expected = {"empty": "not a PyTorch checkpoint: the file is empty", "text": "not a PyTorch checkpoint",
+                "namespace": "holds a Python object (argparse.Namespace), not only tensors"}[kind]
+    assert expected in err
+    assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_convert_out_that_is_a_folder_or_under_a_file(tmp_path, capsys):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("x")
+    for out, expected in ((tmp_path / "folder", "--out must name a file"),
+                          (tmp_path / "file" / "w.safetensors", "the folder of --out must be a folder")):
+        assert main(["convert", str(DIGITS), str(tmp_path / "whatever.pth"), "--out", str(out)]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert expected in err and "Traceback" not in err
