@@ -4,6 +4,8 @@
     model = unroll.build("recipes/crate_base.yaml")
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from unroll.api import as_network, build
 from unroll.derive import GradientStep, ProximalStep, SynthesisStep, invert_layer
 from unroll.errors import UnrollError
@@ -11,7 +13,13 @@ from unroll.explain import explain
 from unroll.network import ClassifierHead, MaskedAutoencoder, Network, PatchFrontend
 from unroll.recipe import load_recipe
 
+try:
+    __version__ = version("unroll")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
+
 __all__ = [
+    "__version__",
     "ClassifierHead",
     "GradientStep",
     "MaskedAutoencoder",

@@ -1,5 +1,10 @@
-"""``unroll build | explain | convert | bench | train | measure | attention``: the command line,
-with errors and no tracebacks."""
+"""``unroll build | explain | convert | bench | train | measure | attention``: the command line.
+
+It behaves like a Unix tool: a usage mistake prints the usage and exits 2, a mistake in the input
+(a recipe, a checkpoint, an image, an output folder) prints ``error: <where>: <what>`` and exits 2,
+Ctrl-C exits 130; no traceback reaches the user unless `unroll` itself has a bug. It relies only
+on what typer provides (typer bundles its own click, so ``import click`` is not ours to make).
+"""
 
 from __future__ import annotations
 
@@ -15,33 +20,73 @@ from rich.table import Table
 
 from unroll.errors import UnrollError, located
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Derive white-box networks from their objectives.")
+#: plain help and usage text: rich markup would swallow the `[default: ...]` brackets
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
+                  help="Derive white-box networks from their objectives.")
 console = Console()
 
-RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe field: key.sub=value")]
+
+def _check_overrides(values: Optional[list[str]]) -> list[str]:
+    from unroll.recipe.load import split_override
+
+    for value in values or []:
+        try:
+            split_override(value)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+    return values or []
+
+
+def _version(value: bool) -> None:
+    if value:
+        from unroll import __version__
+
+        print(f"unroll {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    """Derive white-box networks from their objectives."""
+
+
+RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", metavar="RECIPE", show_default=False)]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", callback=_check_overrides,
+                                                     help="override a recipe field: key.sub=value (repeatable)")]
+MaxMemory = Annotated[float, typer.Option("--max-memory", metavar="GIB", min=0.001,
+                                          help="refuse a build whose estimated memory exceeds this")]
 
 
 @app.command()
 def build(
     recipe: RecipeArg,
-    out: Annotated[Optional[Path], typer.Option(help="output folder [default: build/<recipe name>]")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="output folder", show_default="build/<recipe name>")] = None,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="wrap with torch.compile and run it once")] = False,
     optimize: Annotated[bool, typer.Option("--optimize/--no-optimize", help="the compiler's optimisations; --no-optimize computes each update as printed")] = True,
+    max_memory: MaxMemory = 16.0,
     set: SetOpt = None,
 ) -> None:
     """Validate, derive, lower; print a summary; write model.safetensors and the resolved recipe."""
     import torch
 
-    from unroll.checkpoint import save_weights
+    from unroll.checkpoint import weights_writer
+    from unroll.files import output_folder, text_writer, write_files
+    from unroll.lower.budget import check_budget
     from unroll.lower.model import lower_network
-    from unroll.recipe import load_recipe, to_network, write_recipe
+    from unroll.recipe import load_recipe, recipe_yaml, to_network
     from unroll.summary import flops_per_sample, parameter_count, step_rows
 
     start = time.perf_counter()
     resolved = load_recipe(recipe, set or [])
+    folder = output_folder(out or Path("build") / resolved.name)  # a bad --out fails before the work
     with located(str(recipe)):
-        model = lower_network(to_network(resolved), optimize)
+        network = to_network(resolved)
+        check_budget(network, max_memory, optimize)
+        model = lower_network(network, optimize)
     table = Table(title=f"{resolved.name}: one layer, repeated {model.network.depth} times", show_lines=True)
     for column in ("step", "derived as", "computes"):
         table.add_column(column)
@@ -56,10 +101,12 @@ def build(
         with torch.no_grad():
             compiled(torch.zeros(1, spec.channels, spec.image_size, spec.image_size))
         console.print("torch.compile: compiled and ran one forward")
-    folder = out or Path("build") / resolved.name
-    save_weights(model.state_dict(), folder / "model.safetensors")
-    write_recipe(resolved, folder / "recipe.yaml")
-    console.print(f"wrote {folder / 'model.safetensors'} and {folder / 'recipe.yaml'} ({time.perf_counter() - start:.1f} s)")
+    weights, recipe_file = write_files(folder, {"model.safetensors": weights_writer(model.state_dict()),
+                                                "recipe.yaml": text_writer(recipe_yaml(resolved))})
+    print(f"wrote {weights} and {recipe_file} ({time.perf_counter() - start:.1f} s)")
+    print("the weights are freshly initialised (random); next: "
+          f"unroll train {recipe} --out runs/{resolved.name}, or load trained ones with "
+          f"unroll.build({str(recipe)!r}, checkpoint=...) (unroll convert reads the reference checkpoints)")
 
 
 @app.command()
@@ -81,8 +128,8 @@ def explain(
 @app.command()
 def convert(
     recipe: RecipeArg,
-    checkpoint: Annotated[Path, typer.Argument(help="reference CRATE, CRATE-alpha or CRATE-MAE checkpoint (.pth)", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", help="safetensors file to write")],
+    checkpoint: Annotated[Path, typer.Argument(help="reference CRATE, CRATE-alpha or CRATE-MAE checkpoint (.pth)", metavar="CHECKPOINT", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="safetensors file to write", show_default=False)],
 ) -> None:
     """Convert a reference checkpoint into weights that `unroll.build(recipe, checkpoint=...)` loads."""
     from unroll.convert import convert as convert_checkpoint
@@ -97,18 +144,23 @@ def convert(
 def bench(
     recipe: RecipeArg,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-    batch: Annotated[int, typer.Option(help="images per step", min=1)] = 8,
-    repeats: Annotated[int, typer.Option(help="timed runs of each build (medians are reported)", min=1)] = 5,
+    batch: Annotated[int, typer.Option(help="images per step", min=1, max=1 << 20)] = 8,
+    repeats: Annotated[int, typer.Option(help="timed runs of each build (medians are reported)", min=1, max=1000)] = 5,
     dtype: Annotated[str, typer.Option(help="float32, or bfloat16 under autocast")] = "float32",
     long: Annotated[bool, typer.Option("--long/--no-long", help="also a patch-8 (long-sequence) forward")] = True,
     memory: Annotated[bool, typer.Option("--memory/--no-memory", help="peak memory of a warm inference forward")] = True,
+    max_memory: MaxMemory = 16.0,
     set: SetOpt = None,
 ) -> None:
     """Throughput and peak memory of the default build against the plain lowering (--no-optimize), same weights."""
     import torch
 
     from unroll.bench import device_peak_tflops, run as run_bench
+    from unroll.lower.budget import check_budget
+    from unroll.recipe import load_recipe, to_network
 
+    with located(str(recipe)):
+        check_budget(to_network(load_recipe(recipe, set or [])), max_memory, batch=batch, training=True)
     if dtype not in ("float32", "bfloat16"):
         raise UnrollError(f"--dtype must be float32 or bfloat16, found {dtype!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -143,47 +195,61 @@ def bench(
 @app.command()
 def train(
     recipe: RecipeArg,
-    data: Annotated[Optional[str], typer.Option(help="digits, mixtures, or an ImageFolder directory [default: the recipe's training.data]")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="output folder [default: runs/<recipe name>]")] = None,
+    data: Annotated[Optional[str], typer.Option(help="digits, mixtures, or an ImageFolder directory", show_default="the recipe's training.data")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="output folder", show_default="runs/<recipe name>")] = None,
     seed: Annotated[int, typer.Option(help="seed of the initial weights and of the data order")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out where it stopped")] = False,
-    device: Annotated[Optional[str], typer.Option(help="cpu or cuda [default: cuda if available]")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda", show_default="cuda if available")] = None,
+    max_memory: MaxMemory = 16.0,
     set: SetOpt = None,
 ) -> None:
     """Train the recipe's classifier: progress bar, metrics.csv, checkpoints each epoch (under torchrun: DDP)."""
+    from unroll.files import output_folder
     from unroll.recipe import load_recipe
     from unroll.train.loop import train as train_model
 
-    folder = out or Path("runs") / load_recipe(recipe, set or []).name
+    from unroll.lower.budget import check_budget
+    from unroll.recipe import to_network
+
+    resolved = load_recipe(recipe, set or [])
+    folder = output_folder(out or Path("runs") / resolved.name)
+    with located(str(recipe)):
+        check_budget(to_network(resolved), max_memory, batch=resolved.training.batch_size, training=True)
     rows = train_model(recipe, folder, data, seed, set or [], resume, device)
     if rows and int(os.environ.get("RANK", "0")) == 0:
         last = rows[-1]
         print(f"epoch {last['epoch']}: val_acc {last['val_acc']:.4f}, val_loss {last['val_loss']:.4f}; wrote {folder}")
 
 
-def _built(recipe: Path, checkpoint: Optional[Path], overrides: list[str]):
+def _built(recipe: Path, checkpoint: Optional[Path], overrides: list[str], max_memory: float):
+    """(the resolved recipe, its model in eval mode with the checkpoint's weights)."""
     from unroll.api import build
-    from unroll.recipe import load_recipe
+    from unroll.lower.budget import check_budget
+    from unroll.recipe import load_recipe, to_network
 
     resolved = load_recipe(recipe, overrides)
     with located(str(recipe)):
+        check_budget(to_network(resolved), max_memory)
         return resolved, build(resolved, checkpoint=checkpoint).eval()
 
 
 @app.command()
 def measure(
     recipe: RecipeArg,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="model.safetensors (e.g. from unroll train)")] = None,
-    data: Annotated[Optional[str], typer.Option(help="digits, mixtures or an ImageFolder [default: the recipe's training.data]")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="folder for measure.csv and measure.png [default: runs/<name>/measure]")] = None,
-    samples: Annotated[int, typer.Option(help="held-out images to measure on", min=1)] = 256,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="model.safetensors (e.g. from unroll train)", show_default="fresh random weights")] = None,
+    data: Annotated[Optional[str], typer.Option(help="digits, mixtures or an ImageFolder", show_default="the recipe's training.data")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="folder for measure.csv and measure.png", show_default="runs/<recipe name>/measure")] = None,
+    samples: Annotated[int, typer.Option(help="held-out images to measure on", min=1, max=100_000)] = 256,
+    max_memory: MaxMemory = 16.0,
     set: SetOpt = None,
 ) -> None:
     """Per layer, the objective each layer was derived from: R^c, sparsity, R, sparse rate reduction."""
+    from unroll.files import output_folder
     from unroll.measure import measure as measure_layers, write
     from unroll.train import data as datasets
 
-    resolved, model = _built(recipe, checkpoint, set or [])
+    resolved, model = _built(recipe, checkpoint, set or [], max_memory)
+    folder = output_folder(out or Path("runs") / resolved.name / "measure")
     a = resolved.architecture
     with located(str(recipe)):
         _, held_out = datasets.split(datasets.load(data or resolved.training.data, a.image_size, a.channels))
@@ -194,7 +260,6 @@ def measure(
     for row in rows:
         table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
     console.print(table)
-    folder = out or Path("runs") / resolved.name / "measure"
     csv_path, png_path = write(rows, folder, resolved.name)
     print(f"wrote {csv_path} and {png_path}")
 
@@ -202,49 +267,56 @@ def measure(
 @app.command()
 def attention(
     recipe: RecipeArg,
-    checkpoint: Annotated[Path, typer.Option(help="model.safetensors")],
-    image: Annotated[Path, typer.Option(help="an image file")],
-    out: Annotated[Path, typer.Option(help="folder for the PNG overlays")],
-    layer: Annotated[int, typer.Option(help="layer to look at, from 1 [default: the last]")] = 0,
+    checkpoint: Annotated[Path, typer.Option(help="model.safetensors", show_default=False)],
+    image: Annotated[Path, typer.Option(help="an image file", show_default=False)],
+    out: Annotated[Path, typer.Option(help="folder for the PNG overlays", show_default=False)],
+    layer: Annotated[Optional[int], typer.Option(help="layer to look at, counted from 1", show_default="the last")] = None,
+    max_memory: MaxMemory = 16.0,
     set: SetOpt = None,
 ) -> None:
     """Save each head's attention of the cls token over the patches as PNG overlays on the image."""
     from unroll.attention import cls_attention, load_image, save_overlays
+    from unroll.files import output_folder
 
-    resolved, model = _built(recipe, checkpoint, set or [])
+    output_folder(out)
+    resolved, model = _built(recipe, checkpoint, set or [], max_memory)
     a = resolved.architecture
     picture = load_image(image, a.image_size, a.channels)
-    index = (layer or resolved.architecture.depth) - 1
-    maps = cls_attention(model, picture[None], index)[0]
+    number = a.depth if layer is None else layer
+    maps = cls_attention(model, picture[None], number)[0]
     paths = save_overlays(picture, maps, out, a.image_size // a.patch_size)
-    print(f"wrote {len(paths)} images to {out} (layer {index + 1}, {maps.shape[0]} heads)")
+    print(f"wrote {len(paths)} images to {out} (layer {number}, {maps.shape[0]} heads)")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     try:
-        app(args=argv, standalone_mode=False)
+        # standalone: typer prints usage errors itself (exit 2) and turns Ctrl-C into exit 130
+        app(args=argv, prog_name="unroll", standalone_mode=True)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if code == 130:
+            print("interrupted", file=sys.stderr)
+        return code
     except UnrollError as e:
         print("error: " + e.render(), file=sys.stderr)  # plain: rich would wrap long paths
         return 2
-    except typer.Exit as e:
-        return e.exit_code
-    except (typer.Abort, KeyboardInterrupt):
-        print("aborted", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            return e.exit_code
-        raise
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "memory" not in str(e).lower():
+            raise  # a bug in unroll: the traceback is the report
+        print(f"error: out of memory ({str(e).splitlines()[0][:200]}); try smaller sizes or a smaller batch",
+              file=sys.stderr)
+        return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def run() -> None:
     """Console-script entry point."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

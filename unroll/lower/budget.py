@@ -1,0 +1,83 @@
+"""How much memory a build needs, estimated before a byte of it is allocated.
+
+The parameters are counted exactly, by lowering the network on torch's ``meta`` device (shapes
+without storage). The forward's activations are estimated from the sizes: the widest token
+matrices a step holds at once (input, normalised copy, per-head projections, output) and, where
+a step compares tokens, the attention matrices, K N² per sample. Inference keeps one layer's
+temporaries alive at a time; training keeps every layer's for the backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from unroll.errors import UnrollError
+from unroll.network import Network
+
+#: float32
+BYTES = 4
+GIB = 1 << 30
+#: what ``unroll build`` allows without ``--max-memory``
+DEFAULT_LIMIT_GIB = 16.0
+#: token matrices of the widest size a step holds at once (a deliberate over-count)
+LIVE_MATRICES = 8
+
+
+@dataclass(frozen=True)
+class Estimate:
+    parameters: int
+    buffers: int
+    #: peak activation bytes of one forward of ``batch`` images
+    forward_bytes: int
+    batch: int
+
+    training: bool = False
+
+    @property
+    def total_bytes(self) -> int:
+        # training holds weights, gradients and two optimiser moments
+        return (self.parameters * (4 if self.training else 1) + self.buffers) * BYTES + self.forward_bytes
+
+    def describe(self) -> str:
+        images = "image" if self.batch == 1 else "images"
+        state = " with gradients and optimiser moments" if self.training else ""
+        return (f"about {human(self.total_bytes)}: {self.parameters:,} parameters{state} "
+                f"({human(self.parameters * BYTES * (4 if self.training else 1))}) and a forward of "
+                f"{self.batch} {images} ({human(self.forward_bytes)})")
+
+
+def human(size: int) -> str:
+    return f"{size / GIB:,.1f} GiB" if size >= GIB else f"{max(1, round(size / (1 << 20)))} MiB"
+
+
+def estimate(network: Network, optimize: bool = True, batch: int = 1, training: bool = False) -> Estimate:
+    """The memory of ``network``'s weights and of one forward of ``batch`` images (float32)."""
+    from unroll.lower.model import lower_network
+
+    with torch.device("meta"):
+        model = lower_network(network, optimize)
+    parameters = sum(p.numel() for p in model.parameters())
+    buffers = sum(b.numel() for b in model.buffers())
+    sizes = network.sizes()
+    derived = [*model.derived, *getattr(model, "decoder_derived", [])]
+    wide = max([sizes["d"], sizes["K"] * sizes["p"], *(d.final.expansion * sizes["d"] for d in derived)])
+    tokens, frontend = network.frontend.tokens, network.frontend
+    per_layer = LIVE_MATRICES * tokens * wide + 2 * sizes["K"] * tokens * tokens
+    layers = network.depth + (network.decoder.depth if network.decoder else 0)
+    image = frontend.channels * frontend.image_size**2
+    per_sample = image + per_layer * (layers if training else 1)
+    return Estimate(parameters, buffers, batch * per_sample * BYTES, batch, training)
+
+
+def check_budget(network: Network, limit_gib: float, optimize: bool = True, batch: int = 1,
+                 training: bool = False) -> Estimate:
+    """Refuse a build whose :func:`estimate` exceeds ``limit_gib``, with the estimate in the message."""
+    found = estimate(network, optimize, batch, training)
+    if found.total_bytes > limit_gib * GIB:
+        raise UnrollError(
+            f"this {'training run' if training else 'build'} needs {found.describe()}, more than the limit of {limit_gib:g} GiB; "
+            "use smaller sizes, or raise the limit with --max-memory GIB on a machine that has the memory",
+            field="architecture")
+    return found
