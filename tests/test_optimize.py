@@ -212,3 +212,19 @@ def test_gram_backward_is_the_gradient_of_v_vt():
 
     V = torch.randn(1, 1, 5, 7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(Gram.apply, (V,))
+
+
+@pytest.mark.parametrize("name", ["crate_tiny", "crate_alpha_b32"])
+def test_one_dimension_per_head_builds_in_both_lowerings_and_they_agree(name):
+    # p = 1 made the subspace bases (K, d, 1) look like a vector of biases (K, d)
+    recipe = load_recipe(ROOT / f"recipes/{name}.yaml", ["architecture.width=8", "architecture.heads=8",
+                                                          "architecture.depth=1", "architecture.image_size=16",
+                                                          "architecture.patch_size=8"])
+    torch.manual_seed(0)
+    fast = unroll.build(recipe).eval()
+    plain = unroll.build(recipe, optimize=False).eval()
+    plain.load_state_dict(fast.state_dict())
+    assert fast.layer(0).steps["compress"].U.shape == (8, 8, 1)
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(fast(images), plain(images), atol=1e-5)

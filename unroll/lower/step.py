@@ -18,7 +18,7 @@ from unroll.objective.base import ParamSpec
 
 def init_param(spec: ParamSpec, sizes: dict[str, int]) -> torch.Tensor:
     rows, cols = size_value(spec.rows, sizes), size_value(spec.cols, sizes)
-    shape = ((sizes["K"],) if spec.per_head else ()) + ((rows,) if cols == 1 else (rows, cols))
+    shape = ((sizes["K"],) if spec.per_head else ()) + ((rows,) if spec.is_vector else (rows, cols))
     kind = spec.init[0]
     if kind == "ones":
         return torch.ones(shape)

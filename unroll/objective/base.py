@@ -48,6 +48,12 @@ class ParamSpec:
         return sp.MatrixSymbol(self.name, self.rows, self.cols)
 
     @property
+    def is_vector(self) -> bool:
+        """Declared as a column (``cols`` is the literal 1), as opposed to a matrix whose
+        column count happens to evaluate to 1 (a head dimension p = 1)."""
+        return self.cols == 1
+
+    @property
     def per_head(self) -> bool:
         return self.name.endswith("_k")
 
