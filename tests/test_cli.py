@@ -41,8 +41,9 @@ def console(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     (["build", str(TINY), "--set", "=4"], "expected key.sub=value"),
     (["train", str(TINY), "--seed", "abc"], "Invalid value for '--seed'"),
     (["attention", str(TINY)], "Missing option"),
+    (["explain", str(TINY), "--set", "a" + ".a" * 5000 + "=1"], "a key of at most 32 parts"),
 ], ids=["nothing", "missing-argument", "extra-argument", "unknown-option", "unknown-command", "set-without-value",
-        "set-without-key", "option-of-wrong-type", "missing-option"])
+        "set-without-key", "option-of-wrong-type", "missing-option", "set-key-too-deep"])
 def test_usage_mistakes_print_the_usage_and_exit_2(args, says):
     proc = console(*args)
     assert proc.returncode == 2, proc.stderr

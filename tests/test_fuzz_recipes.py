@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
 import os
 import select
 import subprocess
@@ -69,6 +70,9 @@ EXTRA_ARGS = st.sampled_from([
     ["--set", "a..b=1"], ["--set", "architecture.width.x=1"], ["--bogus"], ["--set", "layer.-1.step_size=.nan"],
     ["--set", "architecture.depth=100000"], ["--set", "architecture.width=16384"], ["--set", "name=../../x"],
     ["--set", "layer.0.relax.0.neumann=1000"], ["--set", "layer.1.iterations=1000"], ["--max-memory", "-1"],
+    ["--set", "architecture.heads=32"], ["--set", "architecture.head_dim=1"], ["--set", "objective.Rc.weight=1e-3"],
+    ["--set", "architecture.depth=128", "--set", "layer.1.iterations=3"],  # at the limits together
+    ["--set", "architecture.depth=128", "--set", "layer.1.iterations=64"],
 ])
 
 
@@ -172,26 +176,35 @@ def worker():
     w.stop()
 
 
-@settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large])
-@given(example=mutated())
-def test_build_accepts_or_refuses_any_recipe_cleanly(worker, tmp_path_factory, example):
-    data, extra = example
-    folder = tmp_path_factory.mktemp("fuzz")
-    recipe, out = folder / "recipe.yaml", folder / "out"
-    recipe.write_bytes(data)
-    args = ["build", str(recipe), "--out", str(out), "--max-memory", str(MAX_MEMORY_GIB), *extra]
-    result = worker.run(args, SECONDS)
-    stderr = result["stderr"]
-    shown = f"\nargs: {extra}\nrecipe:\n{data[:1500]!r}\nstderr:\n{stderr[-3000:]}"
-    assert result["code"] in (0, 2), f"exit {result['code']}" + shown
-    assert "Traceback" not in stderr, "a traceback reached the user" + shown
-    assert result["seconds"] <= SECONDS, f"took {result['seconds']:.1f} s" + shown
-    written = sorted(p.name for p in out.rglob("*")) if out.exists() else []
-    if result["code"] == 0:
-        assert written == ["model.safetensors", "recipe.yaml"], shown
-    else:
-        lines = stderr.strip().splitlines()
-        assert 1 <= len(lines) <= MAX_LINES, f"{len(lines)} lines" + shown
-        assert lines[0].startswith(("error: ", "Usage: ")), shown
-        assert written == [], f"a failed build left {written}" + shown
+def test_build_accepts_or_refuses_any_recipe_cleanly(worker, tmp_path_factory):
+    outcomes: Counter = Counter()
+
+    @settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(example=mutated())
+    def check(example):
+        data, extra = example
+        folder = tmp_path_factory.mktemp("fuzz")
+        recipe, out = folder / "recipe.yaml", folder / "out"
+        recipe.write_bytes(data)
+        args = ["build", str(recipe), "--out", str(out), "--max-memory", str(MAX_MEMORY_GIB), *extra]
+        result = worker.run(args, SECONDS)
+        stderr = result["stderr"]
+        shown = f"\nargs: {extra}\nrecipe:\n{data[:1500]!r}\nstderr:\n{stderr[-3000:]}"
+        assert result["code"] in (0, 2), f"exit {result['code']}" + shown
+        assert "Traceback" not in stderr, "a traceback reached the user" + shown
+        assert result["seconds"] <= SECONDS, f"took {result['seconds']:.1f} s" + shown
+        written = sorted(p.name for p in out.rglob("*")) if out.exists() else []
+        if result["code"] == 0:
+            assert written == ["model.safetensors", "recipe.yaml"], shown
+        else:
+            lines = stderr.strip().splitlines()
+            assert 1 <= len(lines) <= MAX_LINES, f"{len(lines)} lines" + shown
+            assert lines[0].startswith(("error: ", "Usage: ")), shown
+            assert written == [], f"a failed build left {written}" + shown
+        outcomes[result["code"]] += 1
+
+    check()
+    # a fuzz that only ever hit the YAML parser, or never hit it, would prove little
+    assert outcomes[0] >= EXAMPLES // 10 and outcomes[2] >= EXAMPLES // 10, dict(outcomes)
+    print(f"fuzz: {dict(outcomes)} (exit code: examples)")

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from unroll.cli import main
+from unroll.recipe import load_recipe
 
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "crate_tiny.yaml"
 BASE: dict = yaml.safe_load(TINY.read_text())
@@ -147,7 +148,7 @@ CASES = [
     pytest.param(put("name", "../../x"), [], ["field name", "one file name", "'../../x'"], id="name-escapes-build"),
     pytest.param(put("name", "/tmp/x"), [], ["field name", "one file name"], id="name-absolute"),
     pytest.param(put("architecture.width", 10**6), [], ["architecture.width", "less than or equal to 16384"], id="huge-width"),
-    pytest.param(put("architecture.depth", 10**5), [], ["architecture.depth", "less than or equal to 512"], id="huge-depth"),
+    pytest.param(put("architecture.depth", 10**5), [], ["architecture.depth", "less than or equal to 128"], id="huge-depth"),
     pytest.param(put("layer.0.relax.0", {"neumann": 1000}), [], ["neumann", "order", "less than or equal to 16"],
                  id="huge-neumann-order"),
     pytest.param(put("layer.1.iterations", 1000), [], ["layer.1.iterations", "less than or equal to 64"], id="huge-iterations"),
@@ -155,6 +156,12 @@ CASES = [
     pytest.param(lambda data: None, ["--set", "layer.99.name=x"], ["--set layer.99.name", "not an item of a list of 2"],
                  id="set-index-out-of-range"),
     pytest.param(lambda data: None, ["--set", "name.x=1"], ["--set name.x", "name is a value"], id="set-into-a-value"),
+    pytest.param(lambda data: None, ["--set", "objective.fit.expansion" + ".a" * 25 + "=" + "[" * 12 + "1" + "]" * 12],
+                 ["nested deeper than 32"], id="set-nests-too-deep"),
+    pytest.param(put("layer.1.iterations", 64), [], ["65 iterations in one layer", "at most 64"], id="layer-iterations"),
+    pytest.param(put("layer.1.iterations", 60), ["--set", "architecture.depth=12"], ["732 unrolled steps", "at most 512"],
+                 id="unrolled-steps"),
+    pytest.param(("text", lambda t: t + "# " + "x" * (1 << 20) + "\n"), [], ["bytes", "at most 1,048,576"], id="huge-file"),
 ]
 
 #: "billion laughs": nine levels of nine aliases each, 387 million values once expanded
@@ -248,3 +255,11 @@ def test_no_traceback_reaches_the_terminal(tmp_path, mutate, extra, must_contain
     )
     check_message(proc.returncode, proc.stderr, path, must_contain, out)
     assert proc.stdout == "", f"nothing should reach stdout, found:\n{proc.stdout}"
+
+
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
+    # YAML 1.1 reads 1e-3 as a string; a recipe means the number
+    path = tmp_path / "exponents.yaml"
+    path.write_text(TINY.read_text().replace("lam: 0.1", "lam: 1e-1, weight: 1e-3"))
+    recipe = load_recipe(path)
+    assert recipe.objective["sparse"]["lam"] == 0.1 and recipe.objective["sparse"]["weight"] == 0.001

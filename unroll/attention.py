@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unroll.files import atomic_write
+from unroll.files import bytes_writer, png_bytes, write_files
 from unroll.derive.update import used_names
 from unroll.errors import UnrollError
 from unroll.expr.nodes import Softmax
@@ -68,19 +68,18 @@ def cls_attention(model, images: torch.Tensor, layer: int) -> torch.Tensor:
 
 
 def save_overlays(image: torch.Tensor, attention: torch.Tensor, folder: Path, grid: int) -> list[Path]:
-    """One PNG per head (the image with the head's attention over it) and ``heads.png`` with all."""
+    """One PNG per head (the image with the head's attention over it) and ``heads.png`` with all,
+    written together: all of them or none."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    folder.mkdir(parents=True, exist_ok=True)
     picture = image.permute(1, 2, 0).numpy()
     picture = (picture - picture.min()) / max(1e-8, float(picture.max() - picture.min()))
     size = picture.shape[0]
     maps = attention.reshape(attention.shape[0], grid, grid).numpy()
     cells = size // grid
-    written = []
 
     def draw(ax, k):
         ax.imshow(picture.squeeze(-1) if picture.shape[-1] == 1 else picture, cmap="gray")
@@ -88,22 +87,18 @@ def save_overlays(image: torch.Tensor, attention: torch.Tensor, folder: Path, gr
         ax.set_title(f"head {k + 1}", fontsize=9)
         ax.axis("off")
 
+    pngs = {}
     for k in range(maps.shape[0]):
         fig, ax = plt.subplots(figsize=(3, 3))
         draw(ax, k)
-        path = folder / f"head_{k + 1}.png"
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
-        plt.close(fig)
-        written.append(path)
+        pngs[f"head_{k + 1}.png"] = png_bytes(fig, dpi=100, bbox_inches="tight")
     cols = min(4, maps.shape[0])
     rows = -(-maps.shape[0] // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
     for k, ax in enumerate(axes.flat):
         draw(ax, k) if k < maps.shape[0] else ax.axis("off")
-    path = folder / "heads.png"
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
-    plt.close(fig)
-    return [*written, path]
+    pngs["heads.png"] = png_bytes(fig, dpi=100, bbox_inches="tight")
+    return write_files(folder, {name: bytes_writer(data) for name, data in pngs.items()})
 
 
 def load_image(path: str | Path, image_size: int, channels: int) -> torch.Tensor:

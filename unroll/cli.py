@@ -61,6 +61,21 @@ MaxMemory = Annotated[float, typer.Option("--max-memory", metavar="GIB", min=0.0
                                           help="refuse a build whose estimated memory exceeds this")]
 
 
+def _within_budget(recipe: Path, overrides: list[str], max_memory: float, batch: int | None = 1,
+                   training: bool = False, optimize: bool = True):
+    """(the resolved recipe, its network), once the memory estimate of what the command will run
+    (``batch`` images; None: the recipe's training batch) is within ``--max-memory``: nothing
+    large is allocated before this."""
+    from unroll.lower.budget import check_budget
+    from unroll.recipe import load_recipe, to_network
+
+    resolved = load_recipe(recipe, overrides)
+    with located(str(recipe)):
+        network = to_network(resolved)
+        check_budget(network, max_memory, optimize, batch or resolved.training.batch_size, training)
+    return resolved, network
+
+
 @app.command()
 def build(
     recipe: RecipeArg,
@@ -75,17 +90,14 @@ def build(
 
     from unroll.checkpoint import weights_writer
     from unroll.files import output_folder, text_writer, write_files
-    from unroll.lower.budget import check_budget
     from unroll.lower.model import lower_network
-    from unroll.recipe import load_recipe, recipe_yaml, to_network
+    from unroll.recipe import recipe_yaml
     from unroll.summary import flops_per_sample, parameter_count, step_rows
 
     start = time.perf_counter()
-    resolved = load_recipe(recipe, set or [])
+    resolved, network = _within_budget(recipe, set or [], max_memory, optimize=optimize)
     folder = output_folder(out or Path("build") / resolved.name)  # a bad --out fails before the work
     with located(str(recipe)):
-        network = to_network(resolved)
-        check_budget(network, max_memory, optimize)
         model = lower_network(network, optimize)
     table = Table(title=f"{resolved.name}: one layer, repeated {model.network.depth} times", show_lines=True)
     for column in ("step", "derived as", "computes"):
@@ -104,9 +116,18 @@ def build(
     weights, recipe_file = write_files(folder, {"model.safetensors": weights_writer(model.state_dict()),
                                                 "recipe.yaml": text_writer(recipe_yaml(resolved))})
     print(f"wrote {weights} and {recipe_file} ({time.perf_counter() - start:.1f} s)")
-    print("the weights are freshly initialised (random); next: "
-          f"unroll train {recipe} --out runs/{resolved.name}, or load trained ones with "
-          f"unroll.build({str(recipe)!r}, checkpoint=...) (unroll convert reads the reference checkpoints)")
+    print(_next_steps(recipe, resolved))
+
+
+def _next_steps(recipe: Path, resolved) -> str:
+    """What a freshly built model is for: train it, or load trained weights into it."""
+    load = f"load trained weights with unroll.build({str(recipe)!r}, checkpoint=...)"
+    if resolved.decoder is not None:  # unroll train trains classifiers
+        return f"the weights are freshly initialised (random); {load} (unroll convert reads the reference checkpoints)"
+    a = resolved.architecture
+    data = "" if (a.channels, a.image_size) == (1, 8) else " --data IMAGEFOLDER"
+    return (f"the weights are freshly initialised (random); next: unroll train {recipe}{data} --out runs/{resolved.name}, "
+            f"or {load} (unroll convert reads the reference checkpoints)")
 
 
 @app.command()
@@ -130,11 +151,15 @@ def convert(
     recipe: RecipeArg,
     checkpoint: Annotated[Path, typer.Argument(help="reference CRATE, CRATE-alpha or CRATE-MAE checkpoint (.pth)", metavar="CHECKPOINT", show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="safetensors file to write", show_default=False)],
+    max_memory: MaxMemory = 16.0,
+    set: SetOpt = None,
 ) -> None:
     """Convert a reference checkpoint into weights that `unroll.build(recipe, checkpoint=...)` loads."""
     from unroll.convert import convert as convert_checkpoint
 
-    path, layout, dropped = convert_checkpoint(recipe, checkpoint, out)
+    _, network = _within_budget(recipe, set or [], max_memory)
+    with located(str(recipe)):
+        path, layout, dropped = convert_checkpoint(network, checkpoint, out)
     if dropped:
         print(f"dropped {len(dropped)} keys the {layout.name} reference stores but never uses: {', '.join(dropped)}")
     print(f"read a {layout.name} checkpoint; wrote {path}")  # plain: rich would wrap the path
@@ -156,11 +181,8 @@ def bench(
     import torch
 
     from unroll.bench import device_peak_tflops, run as run_bench
-    from unroll.lower.budget import check_budget
-    from unroll.recipe import load_recipe, to_network
 
-    with located(str(recipe)):
-        check_budget(to_network(load_recipe(recipe, set or [])), max_memory, batch=batch, training=True)
+    _within_budget(recipe, set or [], max_memory, batch, training=True)
     if dtype not in ("float32", "bfloat16"):
         raise UnrollError(f"--dtype must be float32 or bfloat16, found {dtype!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -204,33 +226,23 @@ def train(
     set: SetOpt = None,
 ) -> None:
     """Train the recipe's classifier: progress bar, metrics.csv, checkpoints each epoch (under torchrun: DDP)."""
-    from unroll.files import output_folder
-    from unroll.recipe import load_recipe
     from unroll.train.loop import train as train_model
 
-    from unroll.lower.budget import check_budget
-    from unroll.recipe import to_network
-
-    resolved = load_recipe(recipe, set or [])
-    folder = output_folder(out or Path("runs") / resolved.name)
-    with located(str(recipe)):
-        check_budget(to_network(resolved), max_memory, batch=resolved.training.batch_size, training=True)
+    resolved, _ = _within_budget(recipe, set or [], max_memory, batch=None, training=True)
+    folder = out or Path("runs") / resolved.name
     rows = train_model(recipe, folder, data, seed, set or [], resume, device)
     if rows and int(os.environ.get("RANK", "0")) == 0:
         last = rows[-1]
         print(f"epoch {last['epoch']}: val_acc {last['val_acc']:.4f}, val_loss {last['val_loss']:.4f}; wrote {folder}")
 
 
-def _built(recipe: Path, checkpoint: Optional[Path], overrides: list[str], max_memory: float):
+def _built(recipe: Path, checkpoint: Optional[Path], overrides: list[str], max_memory: float, batch: int = 1):
     """(the resolved recipe, its model in eval mode with the checkpoint's weights)."""
     from unroll.api import build
-    from unroll.lower.budget import check_budget
-    from unroll.recipe import load_recipe, to_network
 
-    resolved = load_recipe(recipe, overrides)
+    resolved, network = _within_budget(recipe, overrides, max_memory, batch)
     with located(str(recipe)):
-        check_budget(to_network(resolved), max_memory)
-        return resolved, build(resolved, checkpoint=checkpoint).eval()
+        return resolved, build(network, checkpoint=checkpoint).eval()
 
 
 @app.command()
@@ -248,7 +260,7 @@ def measure(
     from unroll.measure import measure as measure_layers, write
     from unroll.train import data as datasets
 
-    resolved, model = _built(recipe, checkpoint, set or [], max_memory)
+    resolved, model = _built(recipe, checkpoint, set or [], max_memory, batch=samples)  # one forward of them all
     folder = output_folder(out or Path("runs") / resolved.name / "measure")
     a = resolved.architecture
     with located(str(recipe)):

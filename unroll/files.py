@@ -19,6 +19,11 @@ from pathlib import Path
 
 from unroll.errors import UnrollError
 
+#: what open() would give a new file under this process's umask (read once: setting it is global)
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
 #: ``write(tmp_path)`` writes one file's content to the path it is given
 Writer = Callable[[str], None]
 
@@ -82,6 +87,7 @@ def write_files(folder: str | Path, writers: dict[str, Writer]) -> list[Path]:
             folder.mkdir(parents=True, exist_ok=True)
             for name in writers:
                 fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+                os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; an output is as readable as any file
                 os.close(fd)
                 staged.append((tmp, folder / name))
             for (tmp, final), write in zip(staged, writers.values()):
@@ -122,6 +128,23 @@ def atomic_write(path: str | Path, write: Writer) -> Path:
     path = Path(path)
     write_files(path.parent, {path.name: write})
     return path
+
+
+def bytes_writer(data: bytes) -> Writer:
+    return lambda tmp: write_durably(tmp, data)
+
+
+def png_bytes(fig, **savefig) -> bytes:
+    """A matplotlib figure as PNG bytes; the figure is closed whatever happens (pyplot keeps
+    every open figure alive)."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", **savefig)
+    finally:
+        plt.close(fig)
+    return buffer.getvalue()
 
 
 def text_writer(text: str) -> Writer:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from unroll.errors import UnrollError
-from unroll.files import atomic_write, write_csv
+from unroll.files import bytes_writer, csv_text, png_bytes, text_writer, write_files
 from unroll.finite import name_list, nonfinite_names
 from unroll.expr.nodes import LayerNorm
 from unroll.objective import L1, CodingRate, Compression, Lasso, NonNegative
@@ -113,14 +113,13 @@ def _parts(on):
 
 
 def write(rows: list[dict[str, float]], folder: Path, title: str) -> tuple[Path, Path]:
-    """``measure.csv`` and ``measure.png`` (each quantity against depth) in ``folder``."""
+    """``measure.csv`` and ``measure.png`` (each quantity against depth) in ``folder``, both or
+    neither."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    folder.mkdir(parents=True, exist_ok=True)
-    write_csv(folder / "measure.csv", rows)
     keys = [k for k in rows[0] if k != "layer"]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.0), squeeze=False)
     depth = [r["layer"] for r in rows]
@@ -131,6 +130,6 @@ def write(rows: list[dict[str, float]], folder: Path, title: str) -> tuple[Path,
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    atomic_write(folder / "measure.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-    return folder / "measure.csv", folder / "measure.png"
+    png = png_bytes(fig, dpi=110)
+    csv_path, png_path = write_files(folder, {"measure.csv": text_writer(csv_text(rows)), "measure.png": bytes_writer(png)})
+    return csv_path, png_path

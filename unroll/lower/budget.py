@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from unroll.errors import UnrollError
+from unroll.expr.nodes import Softmax
 from unroll.network import Network
 
 #: float32
@@ -61,14 +62,27 @@ def estimate(network: Network, optimize: bool = True, batch: int = 1, training: 
     parameters = sum(p.numel() for p in model.parameters())
     buffers = sum(b.numel() for b in model.buffers())
     sizes = network.sizes()
-    derived = [*model.derived, *getattr(model, "decoder_derived", [])]
-    wide = max([sizes["d"], sizes["K"] * sizes["p"], *(d.final.expansion * sizes["d"] for d in derived)])
     tokens, frontend = network.frontend.tokens, network.frontend
-    per_layer = LIVE_MATRICES * tokens * wide + 2 * sizes["K"] * tokens * tokens
-    layers = network.depth + (network.decoder.depth if network.decoder else 0)
     image = frontend.channels * frontend.image_size**2
-    per_sample = image + per_layer * (layers if training else 1)
+    encoder = _layer_values(model.derived, sizes, tokens)
+    decoder = _layer_values(getattr(model, "decoder_derived", []), sizes, tokens)
+    if training:  # every step and iteration of every layer is kept for the backward
+        per_sample = image + network.depth * sum(encoder) + (network.decoder.depth * sum(decoder) if decoder else 0)
+    else:  # one step's temporaries at a time
+        per_sample = image + max([*encoder, *decoder])
     return Estimate(parameters, buffers, batch * per_sample * BYTES, batch, training)
+
+
+def _layer_values(derived, sizes: dict[str, int], tokens: int) -> list[int]:
+    """Activation values per sample held by each step of a layer: its widest token matrices, and
+    the K attention matrices (N x N) of a step that compares tokens, once per iteration."""
+    out = []
+    for d in derived:
+        wide = max(sizes["d"], sizes["K"] * sizes["p"], d.final.expansion * sizes["d"])
+        attention = 2 * sizes["K"] * tokens * tokens if d.final.out.atoms(Softmax) or any(
+            getattr(e, "atoms", None) and e.atoms(Softmax) for _, e in d.final.where) else 0
+        out.append(getattr(d.step, "iterations", 1) * (LIVE_MATRICES * tokens * wide + attention))
+    return out
 
 
 def check_budget(network: Network, limit_gib: float, optimize: bool = True, batch: int = 1,

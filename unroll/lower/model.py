@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import pickle
 from dataclasses import dataclass
 
@@ -34,7 +35,16 @@ class DerivedStep:
 
 
 def derive_steps(steps: tuple[Step, ...], field: str = "layer") -> list[DerivedStep]:
-    """Derive each step's exact update and relax it, in order."""
+    """Derive each step's exact update and relax it, in order. The derivation is pure and its
+    result immutable, so it is cached: the memory estimate, the build and ``explain`` of one
+    network derive it once."""
+    try:
+        return list(_derive_cached(tuple(steps), field))
+    except TypeError:  # a step holding something unhashable: derive it afresh
+        return list(_derive(tuple(steps), field))
+
+
+def _derive(steps: tuple[Step, ...], field: str) -> tuple[DerivedStep, ...]:
     names = [s.name for s in steps]
     for name in names:
         if (problem := step_name_problem(name)) is not None:
@@ -45,7 +55,10 @@ def derive_steps(steps: tuple[Step, ...], field: str = "layer") -> list[DerivedS
     for step in steps:
         exact = prune(derive(step))
         out.append(DerivedStep(step, exact, tuple(apply_all(exact, step.relax))))
-    return out
+    return tuple(out)
+
+
+_derive_cached = functools.lru_cache(maxsize=32)(_derive)
 
 
 def derive_layer(network: Network) -> list[DerivedStep]:

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from unroll.errors import UnrollError, excerpt
 from unroll.files import write_text
 from unroll.recipe.schema import Recipe
-from unroll.recipe.strict_yaml import MAX_BYTES, read_yaml
+from unroll.recipe.strict_yaml import MAX_BYTES, MAX_DEPTH, check_depth, read_yaml
 
 #: validation problems listed in one error; the rest are counted
 MAX_PROBLEMS = 5
@@ -52,6 +52,8 @@ def split_override(item: str) -> tuple[list[str], str]:
     parts = key.split(".")
     if not sep or not all(part.strip() for part in parts):
         raise ValueError(f"expected key.sub=value (e.g. architecture.depth=4), found {excerpt(item)}")
+    if len(parts) > MAX_DEPTH:
+        raise ValueError(f"a key of at most {MAX_DEPTH} parts, found {len(parts)}")
     return parts, raw
 
 
@@ -115,13 +117,17 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise UnrollError("no such recipe file" + _missing_file_hint(path), where=str(path))
     try:
+        size = path.stat().st_size
+        if size > MAX_BYTES:
+            raise UnrollError(f"{size:,} bytes; a recipe may have at most {MAX_BYTES:,}", where=str(path))
         with path.open("rb") as f:
-            raw = f.read(MAX_BYTES + 1)  # no more than the limit is ever read
+            raw = f.read(MAX_BYTES + 1)  # a file that grew meanwhile is still read no further
     except OSError as e:
         raise UnrollError(f"cannot read the recipe ({e.strerror or e})", where=str(path)) from None
     data = read_yaml(raw, str(path))
     if isinstance(data, dict) and overrides:
         data = apply_overrides(data, overrides, str(path))
+        check_depth(data, str(path))  # a value nests inside its dotted key
     return parse_recipe(data, str(path))
 
 

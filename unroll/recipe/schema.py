@@ -37,13 +37,17 @@ TERMS: dict[str, type] = {
 # memory of what is left (see unroll.lower.budget).
 MAX_WIDTH = 16_384
 MAX_HEADS = 1_024
-MAX_DEPTH = 512
+MAX_DEPTH = 128  # GPT-3 has 96 layers; the FLOP count of a build walks every layer
 MAX_IMAGE_SIZE = 8_192
 MAX_TOKENS = 65_536
 MAX_CHANNELS = 64
 MAX_CLASSES = 1 << 18
 MAX_STEPS = 32  # steps per layer
 MAX_ITERATIONS = 64  # proximal iterations per step
+MAX_LAYER_ITERATIONS = 64  # iterations of all the steps of one layer (a gradient step counts 1)
+#: depth x iterations per layer, encoder and decoder together: every unrolled step is lowered,
+#: and counted by the FLOP counter of `unroll build`, one at a time
+MAX_UNROLLED = 512
 MAX_TERMS = 32
 MAX_RELAXATIONS = 32
 MAX_MAGNITUDE = 1e6  # step sizes and term weights
@@ -293,6 +297,21 @@ class Recipe(_Strict):
                 raise ValueError(f"term {key}: {e}") from None
             out[key] = {"term": kind, "weight": float(weight), **args}
         return out
+
+    @model_validator(mode="after")
+    def _unrolled_size(self):
+        per_layer = sum(step.iterations for step in self.layer)
+        if per_layer > MAX_LAYER_ITERATIONS:
+            raise ValueError(f"layer: {per_layer} iterations in one layer (a gradient step counts 1); "
+                             f"at most {MAX_LAYER_ITERATIONS}")
+        unrolled = self.architecture.depth * per_layer
+        if self.decoder is not None:
+            steps = self.layer if self.decoder.layer == "invert" else self.decoder.layer
+            unrolled += self.decoder.depth * sum(step.iterations for step in steps)
+        if unrolled > MAX_UNROLLED:
+            raise ValueError(f"{unrolled:,} unrolled steps (depth x iterations per layer, decoder included); "
+                             f"at most {MAX_UNROLLED}")
+        return self
 
     @model_validator(mode="after")
     def _steps_name_terms(self):

@@ -10,6 +10,7 @@ constructed, by a loader that refuses duplicate keys.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -55,6 +56,12 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.1 reads 1e-3 (no dot) as a string; recipes mean the number, as YAML 1.2 does (PyYAML
+# copies the resolvers to the subclass before adding: SafeLoader itself is untouched)
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789"))
+
+
 def _scan(text: str, where: str) -> None:
     """Refuse deep nesting, recursive aliases and alias expansion beyond :data:`MAX_VALUES`,
     from the event stream, before anything is built."""
@@ -88,12 +95,23 @@ def _scan(text: str, where: str) -> None:
                               "a recipe needs a few hundred", where=where)
 
 
+def check_depth(data: Any, where: str) -> None:
+    """Refuse a tree nested deeper than :data:`MAX_DEPTH` (walked without recursion)."""
+    stack = [(data, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise UnrollError(f"nested deeper than {MAX_DEPTH} levels", where=where)
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+
+
 def read_yaml(source: bytes | str, where: str) -> Any:
     """Parse one YAML document of a recipe (or a ``--set`` value): bytes must be UTF-8 and at most
     :data:`MAX_BYTES` long. Every problem is an :class:`UnrollError` naming ``where`` and the
     line; none quotes more than a short excerpt of the input."""
     if len(source) > MAX_BYTES:
-        raise UnrollError(f"{len(source):,} bytes; a recipe may have at most {MAX_BYTES:,}", where=where)
+        raise UnrollError(f"more than {MAX_BYTES:,} bytes, the most a recipe may have", where=where)
     if isinstance(source, bytes):
         try:
             source = source.decode("utf-8")
