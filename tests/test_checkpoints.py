@@ -1,15 +1,18 @@
 """Checkpoints: weights files carry a digest and are refused when damaged or non-finite; a training
 checkpoint is a folder published by one rename, so a crash after any file-system operation of a
 save (simulated for every one of them) resumes to the same weights as an uninterrupted run; Ctrl-C
-exits 130 with a resumable checkpoint; a NaN loss stops the run; convert refuses non-checkpoints."""
+exits 130 with a resumable checkpoint; a NaN loss stops the run; a folder holds one run; a damaged
+or unreadable training state is skipped or named; convert refuses non-checkpoints first."""
 
 import argparse
+import json
 import os
 import select
 import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 import traceback
 from io import StringIO
@@ -21,9 +24,12 @@ from rich.console import Console
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import unroll.api
+import unroll.checkpoint as checkpoint
 import unroll.train.loop as loop
 from unroll.checkpoint import DIGEST_KEY, FORMAT_KEY, load_weights, read_tensors, save_weights
 from unroll.cli import main
+from unroll.convert import convert
 from unroll.errors import UnrollError
 from unroll.train import data as datasets
 from unroll.train import state
@@ -56,6 +62,11 @@ def error_of(call) -> str:
     with pytest.raises(UnrollError) as e:
         call()
     return str(e.value)
+
+
+def snapshot(folder: Path) -> dict:
+    """Every path under ``folder`` and its bytes: to see that nothing changed."""
+    return {p.relative_to(folder): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
 
 
 # --- weights files --------------------------------------------------------------------------------
@@ -117,6 +128,43 @@ def test_another_floating_dtype_is_converted_with_a_note(tmp_path, capsys, dtype
     assert f"{str(dtype).removeprefix('torch.')} to float32" in capsys.readouterr().err
 
 
+def test_float64_values_that_overflow_float32_are_refused_by_name(tmp_path):
+    save_weights({"a": torch.full((3, 2), 1e300, dtype=torch.float64)}, tmp_path / "w.safetensors")
+    model = model_of(["a"])
+    before = model["a"].detach().clone()
+    message = error_of(lambda: load_weights(model, tmp_path / "w.safetensors"))
+    assert str(tmp_path / "w.safetensors") in message
+    assert "values too large for the model's dtype (they become inf) in 1 tensor(s): a" in message
+    assert torch.equal(model["a"].detach(), before)
+
+
+def test_a_huge_format_value_and_a_foreign_file_give_short_errors(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.ones(3, 2)}, str(path), metadata={FORMAT_KEY: "9" * 1_000_000})
+    message = error_of(lambda: load_weights(model_of(["a"]), path))
+    assert "expected checkpoint format 1, found format '999" in message and len(message) < len(str(path)) + 200
+    # 1,000 keys the model lacks (one of them 100,000 characters long), 1,000 it has of the wrong shape
+    foreign = {f"u{i:04d}" + "x" * 100_000 * (i == 0): torch.ones(1) for i in range(1000)}
+    save_file({**foreign, **{f"s{i:04d}": torch.ones(1) for i in range(1000)}}, str(path))
+    model = model_of([f"m{i:04d}" for i in range(1000)] + [f"s{i:04d}" for i in range(1000)])
+    message = error_of(lambda: load_weights(model, path))
+    assert "missing keys: m0000, m0001, m0002, m0003, m0004 and 995 more" in message
+    assert "unexpected keys: u0000xxxx" in message and "u0004 and 995 more" in message
+    assert "shape mismatches: s0000: expected (3, 2), found (1,); s0001: expected (3, 2), found (1,);" in message
+    assert "s0004: expected (3, 2), found (1,) and 995 more" in message
+    assert len(message) < len(str(path)) + 600
+
+
+def test_an_unreadable_weights_file_says_so(tmp_path, monkeypatch):
+    path = save_weights(model_of(["a"]).state_dict(), tmp_path / "w.safetensors")
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(checkpoint, "safe_open", denied)  # tests run as root, where chmod does not deny
+    assert error_of(lambda: load_weights(model_of(["a"]), path)) == f"{path}: cannot read this file: permission denied"
+
+
 def test_an_integer_tensor_for_a_float_parameter_is_refused(tmp_path):
     save_weights({"a": torch.ones(3, 2, dtype=torch.int64)}, tmp_path / "w.safetensors")
     message = error_of(lambda: load_weights(model_of(["a"]), tmp_path / "w.safetensors"))
@@ -165,15 +213,26 @@ def save_in_child(save, crash_after: int, out: Path, args: tuple) -> int:
     return os.waitstatus_to_exitcode(done[1])
 
 
-def test_a_crash_after_any_operation_of_a_save_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("replacing", [False, True], ids=["new", "replacing"])
+def test_a_crash_after_any_operation_of_a_save_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch, replacing):
     over = SMALL + ["training.epochs=4", "training.batch_size=256"]  # 5 steps an epoch
     train(DIGITS, tmp_path / "full", seed=1, overrides=over, console=QUIET)
     reference = load_file(str(tmp_path / "full" / state.WEIGHTS))
-    run = tmp_path / "run"
+    run, root = tmp_path / "run", tmp_path / "run" / state.CHECKPOINTS
     train(DIGITS, run, seed=1, overrides=over, console=QUIET, stop_after=2)
+    if replacing:  # epochs 1, 2 and damaged 3 and 4: the save of epoch 3 then sets aside the damaged
+        # epoch-0003 (its second branch: two renames) and prunes an older and a newer checkpoint
+        kept = shutil.copytree(root, tmp_path / "kept")
+        train(DIGITS, run, seed=1, overrides=over, console=QUIET, resume=True)
+        for epoch in (3, 4):
+            (root / state.checkpoint_name(epoch) / state.STATE_TENSORS).write_bytes(b"damaged")
+        for folder in kept.iterdir():
+            shutil.copytree(folder, root / folder.name)
+    expected = ({(4, 3, 2, 1), (4, 2, 1), (3, 2, 1), (3, 2)} if replacing  # set aside 3, commit 3, prune 4, prune 1
+                else {(2, 1), (3, 2, 1), (3, 2)})  # commit 3, prune 1
 
-    # during the epoch-3 save (which also prunes epoch 1 and refreshes model.safetensors), fork a
-    # child per operation that crashes right after it, each on its own copy of the run folder
+    # during the epoch-3 save (which also prunes and refreshes model.safetensors), fork a child per
+    # operation that crashes right after it, each on its own copy of the run folder
     crashed: list[Path] = []
     real_save = state.save
 
@@ -190,12 +249,13 @@ def test_a_crash_after_any_operation_of_a_save_resumes_to_the_uninterrupted_weig
     train(DIGITS, run, seed=1, overrides=over, console=QUIET, resume=True, stop_after=1)
     monkeypatch.undo()
 
-    resumed_from = set()
+    resumed_from, seen = set(), set()
     for folder in crashed:
         published = state.checkpoints(folder)
-        for epoch, checkpoint in published:  # never a half-written epoch-NNNN: each one validates
-            state.read_record(checkpoint, epoch)
-        assert [e for e, _ in published][:2] in ([2, 1], [3, 2]), folder
+        for epoch, published_folder in published:  # never a half-written epoch-NNNN: each validates or was damaged here
+            if (published_folder / state.STATE_TENSORS).read_bytes() != b"damaged":
+                state.read_record(published_folder, epoch)
+        seen.add(tuple(e for e, _ in published))
         newest, record = state.latest(folder)
         resumed_from.add(record["epoch"])
         read_tensors(newest / state.WEIGHTS)  # digest verified
@@ -208,6 +268,7 @@ def test_a_crash_after_any_operation_of_a_save_resumes_to_the_uninterrupted_weig
         assert not list(folder.glob(".*.tmp"))
         assert (folder / "metrics.csv").read_text().count("\n") == 5  # header and epochs 1-4
     assert resumed_from == {2, 3}  # crashes before and after the commit were both simulated
+    assert seen == expected  # ... and between every two renames of the save
 
 
 # --- training checkpoints: layout, resume, damage --------------------------------------------------
@@ -222,6 +283,15 @@ def test_layout_keeps_the_last_two_checkpoints_and_a_user_copy(tmp_path):
     newest = load_file(str(root / "epoch-0003" / state.WEIGHTS))
     copy = load_file(str(tmp_path / state.WEIGHTS))
     assert all(torch.equal(newest[k], copy[k]) for k in newest)
+
+
+def test_a_save_encodes_the_weights_once_for_both_copies(tmp_path, monkeypatch):
+    calls, real = [], checkpoint.encode_safetensors
+    monkeypatch.setattr(checkpoint, "encode_safetensors", lambda *a, **k: calls.append(1) or real(*a, **k))
+    train(DIGITS, tmp_path, overrides=SMALL + ["training.epochs=1"], console=QUIET)
+    assert len(calls) == 2  # the weights and the optimiser state; OUT/model.safetensors reuses the weights' bytes
+    newest = tmp_path / state.CHECKPOINTS / "epoch-0001" / state.WEIGHTS
+    assert (tmp_path / state.WEIGHTS).read_bytes() == newest.read_bytes()
 
 
 def test_resume_skips_damaged_checkpoints_and_cleans_leftovers(tmp_path, capsys):
@@ -257,6 +327,124 @@ def test_resume_with_nothing_to_resume(tmp_path, capsys):
         assert main(["train", str(DIGITS), "--out", str(out), "--resume", *sets(SMALL)]) == 2
         assert "nothing to resume" in capsys.readouterr().err
     assert not (tmp_path / "missing").exists()
+
+
+def test_a_new_run_into_a_folder_with_a_run_is_refused_and_changes_nothing(tmp_path, monkeypatch, capsys):
+    run, over = tmp_path / "run", SMALL + ["training.epochs=3"]
+    train(DIGITS, run, seed=0, overrides=over, console=QUIET)
+    before, loaded = snapshot(run), []
+    monkeypatch.setattr(datasets, "load", lambda *a: loaded.append(a))  # refused before any work
+    assert main(["train", str(DIGITS), "--out", str(run), "--seed", "1", *sets(over)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert (f"{run}: already holds a training run (checkpoints up to epoch 3); continue it with --resume, "
+            "or choose another --out") in err
+    assert not loaded and snapshot(run) == before
+    monkeypatch.undo()
+    assert main(["train", str(DIGITS), "--out", str(run), "--seed", "1", "--resume", *sets(over)]) == 2
+    assert "the run was started with --seed 0, not 1" in capsys.readouterr().err
+    other = tmp_path / "other"  # a folder of unrelated files is fine, and they stay
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    train(DIGITS, other, overrides=SMALL + ["training.epochs=1"], console=QUIET)
+    assert (other / "notes.txt").read_text() == "mine" and state.latest(other)[1]["epoch"] == 1
+
+
+def test_a_run_of_the_older_layout_says_it_cannot_be_resumed(tmp_path, capsys):
+    for name in (state.STATE_JSON, state.STATE_TENSORS, state.WEIGHTS):  # what the previous version wrote
+        (tmp_path / name).write_bytes(b"{}")
+    before = snapshot(tmp_path)
+    assert main(["train", str(DIGITS), "--out", str(tmp_path), "--resume", *sets(SMALL)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "nothing to resume: this run was written by an older unroll" in err and "cannot be resumed" in err
+    assert main(["train", str(DIGITS), "--out", str(tmp_path), *sets(SMALL)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "already holds a training run, written by an older unroll" in err
+    assert snapshot(tmp_path) == before
+
+
+def test_a_refused_resume_changes_nothing(tmp_path, capsys):
+    over = SMALL + ["training.epochs=2"]
+    train(DIGITS, tmp_path, overrides=over, console=QUIET, stop_after=1)
+    (tmp_path / state.CHECKPOINTS / ".tmp-epoch-0002.dead").mkdir()  # left by a crash, like a stale user copy:
+    (tmp_path / state.WEIGHTS).write_bytes(b"stale")  # a resume that goes ahead replaces both, a refused one neither
+    before = snapshot(tmp_path)
+    for args, expected in ((["--seed", "1"], "the run was started with --seed 0, not 1"),
+                           (["--set", "training.lr=0.5"], "trained from another recipe")):
+        assert main(["train", str(DIGITS), "--out", str(tmp_path), "--resume", *args, *sets(over)]) == 2
+        assert expected in capsys.readouterr().err
+        assert snapshot(tmp_path) == before
+
+
+def test_a_checkpoint_file_that_cannot_be_read_is_skipped_or_named(tmp_path, monkeypatch, capsys):
+    over = SMALL + ["training.epochs=2"]
+    train(DIGITS, tmp_path, overrides=over, console=QUIET)
+    real, locked = Path.read_bytes, {tmp_path / state.CHECKPOINTS / "epoch-0002" / state.STATE_TENSORS}
+
+    def read_bytes(path):  # as if unreadable (tests run as root, where chmod does not deny)
+        if path in locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    rows = train(DIGITS, tmp_path, overrides=over, console=QUIET, resume=True)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "skipped a damaged checkpoint" in err and "epoch-0002/train_state.safetensors: cannot read this file: Permission denied" in err
+    assert [r["epoch"] for r in rows] == [1, 2]  # resumed from epoch 1
+    locked.add(tmp_path / state.CHECKPOINTS / "epoch-0001" / state.WEIGHTS)
+    assert main(["train", str(DIGITS), "--out", str(tmp_path), "--resume", *sets(over)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "every checkpoint is damaged" in err and "epoch-0001/model.safetensors: cannot read this file" in err
+    assert "Traceback" not in err
+
+
+def _edit(edit):
+    def apply(record):
+        edit(record)
+        return record
+    return apply
+
+
+#: hand edits of train_state.json that keep every field's type, and what the error says
+EDITS = {
+    "optimizer state a list": (_edit(lambda r: r["optimizer"].update(state=[])), "damaged: AttributeError"),
+    "no optimizer state": (_edit(lambda r: r["optimizer"].pop("state")), "damaged: KeyError: 'state'"),
+    "optimizer state a string": (_edit(lambda r: r["optimizer"]["state"].update({"0": {"step": "abc"}})),
+                                 "damaged: ValueError: its optimizer state holds values that are not numbers"),
+    "optimizer index not a number": (_edit(lambda r: r["optimizer"]["state"].update({"x": {}})), "damaged: ValueError"),
+    "no lr": (_edit(lambda r: r["optimizer"]["param_groups"][0].pop("lr")),
+              "damaged: ValueError: its optimizer settings do not have this recipe's optimizer's entries"),
+    "no param groups": (_edit(lambda r: r["optimizer"].update(param_groups=[])), "its optimizer settings"),
+    "scheduler step a string": (_edit(lambda r: r["scheduler"].update(last_epoch="x")), "its scheduler settings"),
+    "scheduler emptied": (_edit(lambda r: r["scheduler"].clear()), "its scheduler settings"),
+    "scheduler method": (_edit(lambda r: r["scheduler"].update(step=1)), "its scheduler settings"),
+    "metrics row cut": (_edit(lambda r: r["metrics"].__setitem__(0, {"epoch": 1})),
+                        "damaged: metrics rows 1 are not rows of numbers with the columns epoch, train_loss"),
+    "metrics row a number": (_edit(lambda r: r["metrics"].__setitem__(-1, 7)), "damaged: metrics rows"),
+    "metrics value a string": (_edit(lambda r: r["metrics"][0].update(lr="high")), "damaged: metrics rows"),
+}
+
+
+@pytest.mark.parametrize("edit", EDITS, ids=list(EDITS))
+def test_a_hand_edited_training_state_is_skipped_or_named(tmp_path, capsys, edit):
+    change, expected = EDITS[edit]
+    over = SMALL + ["training.epochs=2"]
+    train(DIGITS, tmp_path, overrides=over, console=QUIET)
+
+    def damage(epoch: int) -> Path:
+        path = tmp_path / state.CHECKPOINTS / state.checkpoint_name(epoch) / state.STATE_JSON
+        path.write_text(json.dumps(change(json.loads(path.read_text()))))
+        return path
+
+    damaged = damage(2)
+    rows = train(DIGITS, tmp_path, overrides=over, console=QUIET, resume=True)
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"skipped a damaged checkpoint: {damaged}: " in err and expected in err
+    assert [r["epoch"] for r in rows] == [1, 2]  # resumed from epoch 1
+    damage(1), damage(2)
+    assert main(["train", str(DIGITS), "--out", str(tmp_path), "--resume", *sets(over)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "every checkpoint is damaged" in err and f"{damaged}: the training state is damaged" in err and expected in err
+    assert "Traceback" not in err and len(err) < 1000
 
 
 def test_out_that_is_a_file_fails_before_training(tmp_path, capsys):
@@ -320,8 +508,9 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
 def test_ctrl_c_exits_130_and_leaves_a_resumable_checkpoint(tmp_path):
     over = SMALL + ["training.epochs=500"]
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "unroll", "train", str(DIGITS), "--out", str(out), "--device", "cpu",
-                             *sets(over)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    unroll = Path(sysconfig.get_path("scripts")) / "unroll"  # the installed console script, as users run it
+    proc = subprocess.Popen([str(unroll), "train", str(DIGITS), "--out", str(out), "--device", "cpu", *sets(over)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first, deadline = "", time.monotonic() + 120
         while not first.startswith("epoch 1/500") and time.monotonic() < deadline and proc.poll() is None:
@@ -359,6 +548,25 @@ def test_convert_refuses_what_is_not_a_plain_pytorch_checkpoint(tmp_path, capsys
                 "namespace": "holds a Python object (argparse.Namespace), not only tensors"}[kind]
     assert expected in err
     assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_convert_reads_the_checkpoint_before_building_the_model(tmp_path, monkeypatch):
+    built, real = [], unroll.api.build
+    monkeypatch.setattr(unroll.api, "build", lambda *a, **k: built.append(1) or real(*a, **k))
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "foreign.pth")  # tensors, of no known layout
+    for name, expected in (("missing.pth", "no such checkpoint file"), ("text.pth", "not a PyTorch checkpoint"),
+                           ("foreign.pth", "cannot tell which reference layout")):
+        assert expected in error_of(lambda: convert(DIGITS, tmp_path / name, tmp_path / "w.safetensors"))
+    assert not built  # a bad file fails in a second, not after building a large model
+
+
+def test_convert_lists_a_few_unexpected_keys(tmp_path, capsys):
+    reference = {"to_patch_embedding.2.weight": torch.zeros(1), **{f"junk.{i:04d}" + "x" * 1000: torch.zeros(1) for i in range(1000)}}
+    torch.save(reference, tmp_path / "reference.pth")
+    assert main(["convert", str(DIGITS), str(tmp_path / "reference.pth"), "--out", str(tmp_path / "w.safetensors")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "unexpected keys for a CRATE checkpoint: junk.0000xxx" in err and "and 995 more" in err and len(err) < 800
 
 
 def test_convert_out_that_is_a_folder_or_under_a_file(tmp_path, capsys):

@@ -176,6 +176,17 @@ def test_mixtures_too_small_for_the_recipe_say_what_to_raise():
     assert "raise architecture.image_size" in error.value.message
 
 
+def test_mixtures_of_large_images_are_refused_at_once(tmp_path, capsys):
+    # generating them takes a QR of a (values × values) matrix: minutes at 64×64×3, 90 GB at 224×224×3
+    rc = main(["train", str(ROOT / "recipes/crate_tiny.yaml"), "--data", "mixtures", "--out", str(tmp_path / "o")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 2 and "Traceback" not in err
+    assert ("mixtures are generated for small images: at most 4,096 values per image (channels × height × width), "
+            "the recipe's have 150,528") in err and "give --data an ImageFolder" in err
+    with pytest.raises(UnrollError, match="at most 4,096 values per image .*, the recipe's have 4,225 "):
+        datasets.load("mixtures", 65, 1)
+
+
 def test_unknown_data_is_neither_a_name_nor_a_directory(tmp_path):
     with pytest.raises(UnrollError) as error:
         datasets.load(str(tmp_path / "digitz"), 8, 1)

@@ -3,6 +3,7 @@ error that never costs a good checkpoint (more in test_checkpoints.py)."""
 
 import csv
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,51 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert record(tmp_path / "ddp")["world_size"] == 2
     assert record(tmp_path / "one")["world_size"] == 1
     assert max_difference(weights(tmp_path / "ddp"), weights(tmp_path / "one")) < 1e-5
+
+
+#: ``unroll`` with a NaN loss at the third training step of process 1 only
+POISONED = """
+import os, sys
+import torch
+import torch.nn.functional as F
+from unroll.cli import main
+
+real, calls = F.cross_entropy, []
+
+def poisoned(logits, *a, **k):
+    if torch.is_grad_enabled() and os.environ["RANK"] == "1":
+        calls.append(1)
+        if len(calls) == 3:
+            logits = logits * float("nan")
+    return real(logits, *a, **k)
+
+F.cross_entropy = poisoned
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_nan_loss_in_one_process_stops_every_process_with_the_same_error(tmp_path):
+    """The two processes are started as torchrun starts them (its environment variables), not by
+    torchrun: it stops the others as soon as one exits, so whether they said why would be a race."""
+    (tmp_path / "poisoned.py").write_text(POISONED)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    args = [sys.executable, str(tmp_path / "poisoned.py"), "train", str(DIGITS), "--device", "cpu", "--out",
+            str(tmp_path / "run"), *[a for s in SMALL for a in ("--set", s)]]
+    procs = [subprocess.Popen(args, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    try:  # before the fix, process 0 went on into the next all-reduce: a gloo traceback, or a hang
+        errs = [proc.communicate(timeout=120)[1] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, err in zip(procs, errs):
+        assert proc.returncode == 2, err[-3000:]
+        assert "the loss became NaN at epoch 1 step 3; lower training.lr" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / state.CHECKPOINTS).exists()
 
 
 def test_lion_step_is_its_definition():

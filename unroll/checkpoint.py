@@ -18,9 +18,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as encode_safetensors
 
-from unroll.errors import UnrollError, note
+from unroll.errors import EXCERPT_CHARS, UnrollError, excerpt, note
 from unroll.files import Writer, atomic_write, write_durably
-from unroll.finite import name_list, nonfinite_names
+from unroll.finite import NAMES_SHOWN, name_list, nonfinite_names
 
 #: ``__metadata__`` key of the format version of a file ``save_weights`` wrote
 FORMAT_KEY = "unroll.format"
@@ -52,8 +52,13 @@ def weights_writer(state: dict[str, torch.Tensor]) -> Writer:
     return lambda tmp: write_durably(tmp, data)
 
 
+def save_encoded(data: bytes, path: str | Path) -> Path:
+    """Write bytes :func:`encode` returned (a training checkpoint reuses its own for the user's copy)."""
+    return atomic_write(Path(path), lambda tmp: write_durably(tmp, data))
+
+
 def save_weights(state: dict[str, torch.Tensor], path: str | Path) -> Path:
-    return atomic_write(Path(path), weights_writer(state))
+    return save_encoded(encode(state), path)
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -66,12 +71,14 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except PermissionError:
+        raise UnrollError("cannot read this file: permission denied", where=str(path)) from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         reason = str(e).rsplit(": ", 1)[-1][:80] or type(e).__name__  # safetensors' reason, not its whole chain
         raise UnrollError(f"not a safetensors checkpoint (truncated, or another format: {reason})", where=str(path)) from None
     version = metadata.get(FORMAT_KEY, FORMAT)
     if version != FORMAT:
-        raise UnrollError(f"expected checkpoint format {FORMAT}, found format {version!r} (written by another "
+        raise UnrollError(f"expected checkpoint format {FORMAT}, found format {excerpt(version)} (written by another "
                           "version of unroll)", where=str(path))
     if DIGEST_KEY not in metadata:
         note("this checkpoint carries no digest of its tensors, so it cannot be checked for corruption", str(path))
@@ -87,21 +94,24 @@ def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
         raise UnrollError(f"NaN or inf values in {len(bad)} tensor(s): {name_list(bad)}", where=where)
 
 
+def cut(name: str, limit: int = EXCERPT_CHARS) -> str:
+    """A key of a foreign file, shortened: keys are user input, and may be megabytes long."""
+    return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
 def check_state(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], where: str) -> None:
     missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    wrong = [
-        f"{k}: expected {tuple(expected[k].shape)}, found {tuple(found[k].shape)}"
-        for k in expected
-        if k in found and expected[k].shape != found[k].shape
-    ]
-    problems = []
+    unexpected = sorted(cut(k) for k in set(found) - set(expected))
+    wrong = [f"{k}: expected {tuple(expected[k].shape)}, found {tuple(found[k].shape)}"
+             for k in expected if k in found and expected[k].shape != found[k].shape]
+    problems = []  # each list cut short: a foreign file may have thousands of keys
     if missing:
-        problems.append("missing keys: " + ", ".join(missing))
+        problems.append(f"missing keys: {name_list(missing)}")
     if unexpected:
-        problems.append("unexpected keys: " + ", ".join(unexpected))
+        problems.append(f"unexpected keys: {name_list(unexpected)}")
     if wrong:
-        problems.append("shape mismatches: " + "; ".join(wrong))
+        more = f" and {len(wrong) - NAMES_SHOWN} more" if len(wrong) > NAMES_SHOWN else ""
+        problems.append(f"shape mismatches: {'; '.join(wrong[:NAMES_SHOWN])}{more}")  # '; ': shapes hold commas
     if problems:
         raise UnrollError("checkpoint does not fit the model built from the recipe\n  " + "\n  ".join(problems), where=where)
 
@@ -116,11 +126,15 @@ def fit(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], where
                and not (found[k].is_floating_point() and expected[k].is_floating_point())]
     if refused:
         raise UnrollError(f"tensors of the wrong kind: {name_list(refused)}", where=where)
+    state = {k: v.to(expected[k].dtype) for k, v in found.items()}
+    if overflow := nonfinite_names(state):  # checked after converting: 1e300 is finite in float64, inf in float32
+        raise UnrollError(f"values too large for the model's dtype (they become inf) in {len(overflow)} tensor(s): "
+                          f"{name_list(overflow)}", where=where)
     converted = sorted({f"{found[k].dtype} to {expected[k].dtype}".replace("torch.", "")
                         for k in expected if found[k].dtype != expected[k].dtype})
     if converted:
         note(f"converted tensors from {', '.join(converted)} to fit the model", where)
-    return {k: v.to(expected[k].dtype) for k, v in found.items()}
+    return state
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from einops import rearrange
 
-from unroll.checkpoint import check_state, save_weights
+from unroll.checkpoint import check_state, cut, save_weights
 from unroll.errors import UnrollError
+from unroll.finite import name_list
 from unroll.files import output_folder
 
 # per-layer reference key suffix -> (step index in the layer, parameter, einops pattern or None)
@@ -175,7 +176,8 @@ def convert_reference(
         else:
             unexpected.append(key)
     if unexpected:
-        raise UnrollError(f"unexpected keys for a {layout.name} checkpoint: " + ", ".join(sorted(unexpected)), where=where)
+        raise UnrollError(f"unexpected keys for a {layout.name} checkpoint: {name_list(sorted(map(cut, unexpected)))}",
+                          where=where)
     check_state(model.state_dict(), out, where)
     return out, layout, dropped
 
@@ -200,6 +202,8 @@ def convert(recipe, checkpoint: str | Path, out: str | Path) -> tuple[Path, Layo
     if out.is_dir():  # checked first: a bad --out should not cost a read of a large checkpoint
         raise UnrollError("--out must name a file (e.g. model.safetensors), and this is a folder", where=str(out))
     output_folder(out.parent, "the folder of --out")
+    reference = read_reference(checkpoint)  # a missing or foreign file fails before the model is built
+    detect_layout(reference, str(checkpoint))
     model = build(recipe)  # names the recipe in its errors
-    state, layout, dropped = convert_reference(read_reference(checkpoint), model, str(checkpoint))
+    state, layout, dropped = convert_reference(reference, model, str(checkpoint))
     return save_weights(state, out), layout, dropped

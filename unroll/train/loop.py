@@ -5,14 +5,17 @@ learning rate follows a per-step schedule that is checkpointed too, so ``--resum
 exactly where a run stopped. Each epoch ends with a row of ``metrics.csv``, a checkpoint folder
 published whole (see :mod:`unroll.train.state`) and one plain line on the console (flushed, so a
 redirected run can be followed); the live progress bar is drawn only on a terminal. A NaN or
-infinite loss or weight stops the run with an error before anything non-finite is saved. Under
-``torchrun`` every process trains a disjoint share of each global batch inside torch's
+infinite loss or weight stops the run with an error before anything non-finite is saved. A
+folder holds one run: a new run into a folder with checkpoints is refused. Under ``torchrun``
+every process trains a disjoint share of each global batch inside torch's
 DistributedDataParallel (gloo on CPU, nccl on GPU); with equal shares, the averaged gradient is
 the single-process gradient of the global batch.
 """
 
 from __future__ import annotations
 
+import atexit
+import gc
 import math
 import os
 import time
@@ -26,13 +29,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from unroll.finite import name_list, nonfinite_names
-from unroll.errors import UnrollError, located, note
+from unroll.errors import UnrollError, located
 from unroll.files import output_folder, write_csv
 from unroll.train import data as datasets
 from unroll.train import state
 from unroll.train.optim import make_optimizer, warmup_cosine
 
-METRICS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+METRICS = state.METRICS
 
 
 @dataclass
@@ -51,7 +54,17 @@ def _world(device: torch.device) -> World:
         return World()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(_leave)
     return World(dist.get_rank(), dist.get_world_size())
+
+
+def _leave() -> None:
+    """At exit, free what holds the process group, then the group itself. After an error the DDP
+    model lingers in reference cycles; freed in the interpreter's final teardown, it took gloo's
+    threads down with ``terminate`` (exit 134, after the error was printed) now and then."""
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _shift(images: torch.Tensor, pixels: int, offsets: torch.Tensor) -> torch.Tensor:
@@ -65,6 +78,17 @@ def _shift(images: torch.Tensor, pixels: int, offsets: torch.Tensor) -> torch.Te
     cols = (torch.arange(w)[None, :] + dx[:, None])[:, None, None, :]
     return padded.gather(2, rows.expand(-1, images.shape[1], -1, padded.shape[-1])).gather(
         3, cols.expand(-1, images.shape[1], h, -1))
+
+
+def everywhere(value: float, world: World, device: torch.device) -> float:
+    """``value`` summed over the processes: NaN or inf where it is so in any one, so that every
+    process takes the same decision (one stopping alone leaves the others hanging in DDP's next
+    all-reduce)."""
+    if world.size == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.item()
 
 
 def rank_share(batch: torch.Tensor, world: World) -> torch.Tensor:
@@ -115,6 +139,8 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
         output_folder(out)
     if resume and not out.is_dir():
         raise UnrollError("nothing to resume: no such folder", where=str(out))
+    if not resume:  # by every process, so all stop together
+        state.check_fresh(out)
     t, a = recipe.training, recipe.architecture
     if recipe.decoder is not None:
         raise UnrollError("unroll train trains classifiers; this recipe builds a masked autoencoder", where=str(recipe_path))
@@ -143,18 +169,11 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
     rows: list[dict] = []
     start = 0
     if resume:
-        record = state.load(out, model, optimizer, scheduler, info["recipe"], main=world.main)
-        if record["seed"] != seed:
-            raise UnrollError(f"the run was started with --seed {record['seed']}, not {seed}", where=str(out))
-        if record["data"] != info["data"]:
-            raise UnrollError(f"the run was started on --data {record['data']}, not {info['data']}", where=str(out))
+        record = state.load(out, model, optimizer, scheduler, info, main=world.main)
         start, rows = record["epoch"], record["metrics"]
         if world.main:  # rows past the checkpoint (from a crash before it was published) are dropped
             write_csv(out / "metrics.csv", rows, METRICS)
     elif world.main:
-        if state.checkpoints(out):
-            note("this folder holds checkpoints of an earlier run; this new run replaces them "
-                 "(--resume continues a run)", str(out))
         write_recipe(recipe, out / "recipe.yaml")
     net = model
     if world.size > 1:
@@ -182,18 +201,18 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
                 with amp:
                     logits = net(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=t.label_smoothing)
+                value = loss.item()
+                if not math.isfinite(summed := everywhere(value, world, dev)):  # every later step would be NaN too
+                    raise UnrollError(f"the loss became {'NaN' if math.isnan(summed) else 'infinite'} at epoch "
+                                      f"{epoch + 1} step {step + 1}; lower training.lr (now {t.lr:g}); the "
+                                      "checkpoints of earlier epochs are kept",
+                                      where=str(recipe_path))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if t.clip_grad:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
                 optimizer.step()
                 scheduler.step()
-                value = loss.item()
-                if not math.isfinite(value):  # every later step and checkpoint would be NaN too
-                    raise UnrollError(f"the loss became {'NaN' if math.isnan(value) else 'infinite'} at epoch "
-                                      f"{epoch + 1} step {step + 1}; lower training.lr (now {t.lr:g}); the "
-                                      "checkpoints of earlier epochs are kept",
-                                      where=str(recipe_path))
                 seen += len(y)
                 loss_sum += value * len(y)
                 correct += (logits.argmax(-1) == y).sum().item()

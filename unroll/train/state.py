@@ -13,9 +13,11 @@ Layout of a run folder ``OUT``::
 A checkpoint is built under a temporary name (``checkpoints/.tmp-…``), every file fsynced, then
 renamed to ``epoch-NNNN`` in one atomic step: a crash at any moment leaves either the new folder
 complete or none, and the previous checkpoints untouched (older ones are deleted only after the
-new one is published). Resuming takes the newest checkpoint whose JSON validates and whose
-digests match, and removes leftover temporary folders. ``OUT/model.safetensors`` is replaced
-atomically after each publication; resuming never reads it.
+new one is published). Resuming takes the newest checkpoint whose JSON validates, whose digests
+match and whose content restores, and only then removes leftover temporary folders.
+``OUT/model.safetensors`` is replaced atomically after each publication; resuming never reads it.
+A folder holds one run: a new run into a folder that holds checkpoints is refused (see
+:func:`check_fresh`).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from unroll.checkpoint import check_finite, encode, fit, read_tensors, save_weights
-from unroll.errors import UnrollError, note
+from unroll.checkpoint import check_finite, cut, encode, fit, read_tensors, save_encoded, save_weights
+from unroll.errors import UnrollError, excerpt, note
 from unroll.files import os_error, write_durably, writing
 
 CHECKPOINTS = "checkpoints"
@@ -43,6 +45,10 @@ TMP_PREFIX = ".tmp-"
 #: checkpoints kept: the newest and the one before, in case the newest is damaged later
 KEEP = 2
 _NAME = re.compile(r"epoch-(\d{4,})")
+#: the columns of a metrics row (``metrics.csv``, and the rows a checkpoint records)
+METRICS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+#: what a hand-edited but well-typed state makes torch raise while it is restored
+_BROKEN = (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError)
 
 
 def checkpoint_name(epoch: int) -> str:
@@ -50,7 +56,10 @@ def checkpoint_name(epoch: int) -> str:
 
 
 def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as e:
+        raise UnrollError(f"cannot read this file: {e.strerror or type(e).__name__}", where=str(path)) from None
 
 
 def recipe_digest(recipe) -> str:
@@ -64,8 +73,22 @@ def checkpoints(out: Path) -> list[tuple[int, Path]]:
     folder = Path(out) / CHECKPOINTS
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.fullmatch(p.name)) and p.is_dir()]
+    try:
+        found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.fullmatch(p.name)) and p.is_dir()]
+    except OSError as e:
+        raise UnrollError(f"cannot read this folder: {e.strerror or type(e).__name__}", where=str(folder)) from None
     return sorted(found, reverse=True)
+
+
+def check_fresh(out: Path) -> None:
+    """Refuse a new run into a folder that holds one: mixed checkpoints of two runs would make a
+    later ``--resume`` continue whichever is newest. Checked before any work; nothing is touched."""
+    if found := checkpoints(out):
+        raise UnrollError(f"already holds a training run (checkpoints up to epoch {found[0][0]}); continue it with "
+                          "--resume, or choose another --out", where=str(out))
+    if (Path(out) / STATE_JSON).is_file():
+        raise UnrollError(f"already holds a training run, written by an older unroll ({STATE_JSON} at the top); "
+                          "choose another --out", where=str(out))
 
 
 def _split_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -95,10 +118,9 @@ def save(out: Path, model: torch.nn.Module, optimizer, scheduler, epoch: int, in
     ``OUT/model.safetensors``. Returns the checkpoint folder."""
     root = Path(out) / CHECKPOINTS
     final = root / checkpoint_name(epoch)
-    weights = model.state_dict()
     tensors, scalars = _split_optimizer(optimizer.state_dict())
     tensors["rng.torch"] = torch.get_rng_state()
-    files = {WEIGHTS: encode(weights), STATE_TENSORS: encode(tensors)}
+    files = {WEIGHTS: encode(model.state_dict()), STATE_TENSORS: encode(tensors)}  # encoded once, also for OUT's copy
     record = {
         **info,
         "epoch": epoch,
@@ -127,7 +149,7 @@ def save(out: Path, model: torch.nn.Module, optimizer, scheduler, epoch: int, in
         raise
     with writing(root):
         _prune(Path(out), epoch)
-    save_weights(weights, Path(out) / WEIGHTS)
+    save_encoded(files[WEIGHTS], Path(out) / WEIGHTS)
     return final
 
 
@@ -141,8 +163,8 @@ def _sync(folder: Path) -> None:
 
 
 def _prune(out: Path, epoch: int) -> None:
-    """Keep the ``KEEP`` checkpoints up to ``epoch``; drop the rest (older ones, and newer ones a
-    new run in an old folder has superseded) and every leftover temporary folder. Each is first
+    """Keep the ``KEEP`` checkpoints up to ``epoch``; drop the rest (older ones, and damaged newer
+    ones the resume skipped) and every leftover temporary folder. Each is first
     renamed to a temporary name, so a crash midway never leaves a half-deleted ``epoch-NNNN``."""
     root = out / CHECKPOINTS
     for n, folder in checkpoints(out):
@@ -168,21 +190,25 @@ _FIELDS = {"epoch": int, "recipe": str, "seed": int, "data": str, "world_size": 
 
 
 def read_record(folder: Path, epoch: int) -> dict:
-    """The checkpoint's JSON, checked: its fields, its epoch, and both tensor files' digests."""
+    """The checkpoint's JSON, checked: its fields, its epoch and metrics rows, and both tensor
+    files' digests."""
     path = folder / STATE_JSON
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError:
         raise UnrollError(f"{STATE_JSON} is missing", where=str(folder)) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also a 5,000-digit number
         raise UnrollError(f"not a valid training state ({type(e).__name__})", where=str(path)) from None
     wrong = [f"{k} (expected {t.__name__})" for k, t in _FIELDS.items()
              if not isinstance(record.get(k) if isinstance(record, dict) else None, t)]
     if wrong:
         raise UnrollError(f"missing or malformed fields: {', '.join(wrong)}", where=str(path))
     if record["epoch"] != epoch or len(record["metrics"]) != epoch:
-        raise UnrollError(f"expected epoch {epoch} and {epoch} metrics rows, found epoch {record['epoch']} "
+        raise UnrollError(f"expected epoch {epoch} and {epoch} metrics rows, found epoch {excerpt(record['epoch'])} "
                           f"and {len(record['metrics'])} rows", where=str(path))
+    if bad := [i + 1 for i, row in enumerate(record["metrics"]) if not _is_row(row)]:
+        raise UnrollError(f"the training state is damaged: metrics rows {', '.join(map(str, bad[:5]))} are not rows "
+                          f"of numbers with the columns {', '.join(METRICS)}", where=str(path))
     for name in (WEIGHTS, STATE_TENSORS):
         file = folder / name
         if not file.is_file() or digest(file) != record["files"].get(name):
@@ -190,12 +216,26 @@ def read_record(folder: Path, epoch: int) -> dict:
     return record
 
 
-def latest(out: Path) -> tuple[Path, dict]:
-    """The newest complete checkpoint and its record; damaged ones are skipped with a note."""
+def _is_row(row) -> bool:
+    return (isinstance(row, dict) and sorted(row) == sorted(METRICS)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row.values()))
+
+
+def _nothing(out: Path) -> UnrollError:
+    if (Path(out) / STATE_JSON).is_file():  # the layout before checkpoint folders: no optimiser history to trust
+        return UnrollError(f"nothing to resume: this run was written by an older unroll, whose layout ({STATE_JSON} at "
+                           "the top of the folder) cannot be resumed; start it again in another --out", where=str(out))
+    return UnrollError(f"nothing to resume: no {CHECKPOINTS}/epoch-NNNN folder here (start the run without "
+                       "--resume, or give the --out of the run to continue)", where=str(out))
+
+
+def latest(out: Path, info: dict | None = None, restore=None) -> tuple[Path, dict]:
+    """The newest complete checkpoint and its record; damaged ones are skipped with a note. Given
+    ``info`` (this run's recipe digest, seed and data), a checkpoint of another run is refused;
+    given ``restore(folder, record)``, one it fails to restore counts as damaged."""
     found = checkpoints(out)
     if not found:
-        raise UnrollError(f"nothing to resume: no {CHECKPOINTS}/epoch-NNNN folder here (start the run without "
-                          "--resume, or give the --out of the run to continue)", where=str(out))
+        raise _nothing(out)
     problems = []
     for epoch, folder in found:
         try:
@@ -203,27 +243,85 @@ def latest(out: Path) -> tuple[Path, dict]:
         except UnrollError as e:
             problems.append(e.render())
             continue
+        if info is not None:  # not damage: every checkpoint of the folder is of that other run
+            _same_run(record, info, out)
+        try:
+            if restore is not None:
+                restore(folder, record)
+        except UnrollError as e:
+            problems.append(e.render())
+            continue
         for problem in problems:
             note(f"skipped a damaged checkpoint: {problem}")
         return folder, record
-    raise UnrollError("nothing to resume: every checkpoint is damaged\n  " + "\n  ".join(problems), where=str(out))
+    more = f"\n  and {len(problems) - 5} more" if len(problems) > 5 else ""
+    raise UnrollError("nothing to resume: every checkpoint is damaged\n  " + "\n  ".join(problems[:5]) + more,
+                      where=str(out))
 
 
-def load(out: Path, model: torch.nn.Module, optimizer, scheduler, expected_recipe: str, main: bool = True) -> dict:
-    """Restore the newest complete checkpoint into the model, optimiser, scheduler and RNG;
-    returns its record. ``main``: this process tidies up (one process of a distributed run)."""
-    folder, record = latest(out)
-    if record["recipe"] != expected_recipe:
+def _same_run(record: dict, info: dict, out: Path) -> None:
+    if record["recipe"] != info["recipe"]:
         raise UnrollError("this checkpoint was trained from another recipe: its architecture, objective, layer or "
-                          "training settings differ from the ones given now", where=str(folder))
+                          "training settings differ from the ones given now", where=str(out))
+    if record["seed"] != info["seed"]:
+        raise UnrollError(f"the run was started with --seed {excerpt(record['seed'])}, not {info['seed']}", where=str(out))
+    if record["data"] != info["data"]:
+        raise UnrollError(f"the run was started on --data {excerpt(record['data'])}, not {excerpt(info['data'])}",
+                          where=str(out))
+
+
+def _same_kind(found, expected) -> bool:
+    """``found`` (from JSON) has ``expected``'s structure: the same keys, lengths and kinds of value.
+    torch loads a state of another structure without a word and fails steps later."""
+    if isinstance(expected, dict):
+        return isinstance(found, dict) and found.keys() == expected.keys() and all(
+            _same_kind(found[k], v) for k, v in expected.items())
+    if isinstance(expected, (list, tuple)):
+        return isinstance(found, (list, tuple)) and len(found) == len(expected) and all(map(_same_kind, found, expected))
+    if isinstance(expected, (int, float)) and not isinstance(expected, bool):
+        return isinstance(found, (int, float)) and not isinstance(found, bool)
+    return type(found) is type(expected)
+
+
+def _restore(folder: Path, record: dict, model, optimizer, scheduler, expected: dict) -> None:
+    """Load the checkpoint into the model, optimiser, scheduler and RNG; the tensors and the
+    structure of the optimiser and scheduler state are checked first."""
     weights = fit(model.state_dict(), read_tensors(folder / WEIGHTS), str(folder / WEIGHTS))
     tensors = read_tensors(folder / STATE_TENSORS)
     check_finite(tensors, str(folder / STATE_TENSORS))
+    try:
+        joined = _join_optimizer(tensors, record["optimizer"])
+        if not _same_kind(joined["param_groups"], expected["param_groups"]):
+            raise ValueError("its optimizer settings do not have this recipe's optimizer's entries")
+        if not _same_kind(record["scheduler"], expected["scheduler"]):
+            raise ValueError("its scheduler settings do not have this recipe's schedule's entries")
+        if not all(isinstance(v, (torch.Tensor, int, float)) for entry in joined["state"].values() for v in entry.values()):
+            raise ValueError("its optimizer state holds values that are not numbers")
+        rng = tensors["rng.torch"]
+        if rng.dtype != torch.uint8 or rng.shape != expected["rng"].shape:
+            raise ValueError("its random generator state is not one")
+        optimizer.load_state_dict(joined)
+        for p, entry in optimizer.state.items():  # per-parameter tensors (moments) have the parameter's shape
+            if any(isinstance(v, torch.Tensor) and v.dim() and v.shape != p.shape for v in entry.values()):
+                raise ValueError("its optimizer state does not fit the model's parameters")
+        scheduler.load_state_dict({**record["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
+        torch.set_rng_state(rng)
+    except _BROKEN as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UnrollError(f"the training state is damaged: {cut(f'{type(e).__name__}: {reason}', 120)}",
+                          where=str(folder / STATE_JSON)) from None
     model.load_state_dict(weights)
-    optimizer.load_state_dict(_join_optimizer(tensors, record["optimizer"]))
-    scheduler.load_state_dict({**record["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
-    torch.set_rng_state(tensors["rng.torch"])
+
+
+def load(out: Path, model: torch.nn.Module, optimizer, scheduler, info: dict, main: bool = True) -> dict:
+    """Restore the newest complete checkpoint of this run (``info``: its recipe digest, seed and
+    data) into the model, optimiser, scheduler and RNG; returns its record. Everything is checked
+    before the folder is touched: then ``main`` (one process of a distributed run) removes
+    leftovers and refreshes ``OUT/model.safetensors``."""
+    expected = {"param_groups": optimizer.state_dict()["param_groups"], "rng": torch.get_rng_state(),
+                "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}}
+    _, record = latest(out, info, lambda folder, record: _restore(folder, record, model, optimizer, scheduler, expected))
     if main:
         clean(out)
-        save_weights(weights, Path(out) / WEIGHTS)  # a crash may have come before this copy was refreshed
+        save_weights(model.state_dict(), Path(out) / WEIGHTS)  # a crash may have come before this copy was refreshed
     return record
