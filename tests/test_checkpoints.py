@@ -213,6 +213,7 @@ def save_in_child(save, crash_after: int, out: Path, args: tuple) -> int:
     return os.waitstatus_to_exitcode(done[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("replacing", [False, True], ids=["new", "replacing"])
 def test_a_crash_after_any_operation_of_a_save_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch, replacing):
     over = SMALL + ["training.epochs=4", "training.batch_size=256"]  # 5 steps an epoch
@@ -505,6 +506,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
     assert [e for e, _ in state.checkpoints(tmp_path)] == [1]
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130_and_leaves_a_resumable_checkpoint(tmp_path):
     over = SMALL + ["training.epochs=500"]
     out = tmp_path / "run"

@@ -31,6 +31,7 @@ def test_python_blocks_run(doc, tmp_path, monkeypatch):
         exec(compile(block, str(doc), "exec"), namespace)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("doc", [d for d in DOCS if d.parent.name == "tutorials"], ids=lambda p: p.name)
 def test_cli_blocks_run(doc, tmp_path):
     lines = [l for b in blocks(doc, "bash") for l in b.splitlines() if l.startswith("unroll ")]

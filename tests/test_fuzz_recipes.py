@@ -169,6 +169,16 @@ class Worker:
             self.proc = None
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _hypothesis_home(tmp_path_factory):
+    # hypothesis keeps caches in ./.hypothesis even without an example database: not in the checkout
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    set_hypothesis_home_dir(tmp_path_factory.mktemp("hypothesis"))
+    yield
+    set_hypothesis_home_dir(None)
+
+
 @pytest.fixture(scope="module")
 def worker():
     w = Worker()

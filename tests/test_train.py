@@ -75,6 +75,7 @@ def test_each_process_gets_a_disjoint_equal_share_of_every_batch():
     assert sorted(torch.cat(shares).tolist()) == sorted(batch.tolist())
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path):
     args = ["-m", "unroll", "train", str(DIGITS), "--device", "cpu", "--set", "training.epochs=1",
             *[a for s in SMALL for a in ("--set", s)]]
