@@ -148,3 +148,41 @@ def test_main_returns_130_on_ctrl_c(monkeypatch, capsys):
     monkeypatch.setattr(load, "read_yaml", interrupted)
     assert main(["explain", str(TINY)]) == 130
     assert "interrupted" in capsys.readouterr().err
+
+
+@pytest.fixture
+def digits_weights(tmp_path) -> Path:
+    """A freshly built crate_digits (small) and its weights file."""
+    out = tmp_path / "built"
+    assert main(["build", str(ROOT / "recipes/crate_digits.yaml"), "--out", str(out), "--set", "architecture.depth=2"]) == 0
+    return out / "model.safetensors"
+
+
+def test_measure_refuses_non_finite_weights_by_name_and_writes_nothing(tmp_path, capsys, digits_weights):
+    from safetensors.torch import load_file
+
+    from unroll.checkpoint import save_weights
+
+    state = load_file(str(digits_weights))
+    state["frontend.cls_token"][..., 0] = float("nan")
+    broken = tmp_path / "nan.safetensors"
+    save_weights(state, broken)  # a valid file, digest and all, of weights that are NaN
+    out = tmp_path / "measured"
+    capsys.readouterr()
+    code = main(["measure", str(ROOT / "recipes/crate_digits.yaml"), "--set", "architecture.depth=2",
+                 "--checkpoint", str(broken), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "frontend.cls_token" in err and "NaN" in err, err
+    assert not out.exists()
+
+
+def test_attention_on_a_truncated_image_says_so_and_writes_nothing(tmp_path, capsys, digits_weights):
+    image = tmp_path / "cut.png"
+    image.write_bytes((ROOT / "docs/tutorials/digit.png").read_bytes()[:200])
+    out = tmp_path / "maps"
+    capsys.readouterr()
+    code = main(["attention", str(ROOT / "recipes/crate_digits.yaml"), "--set", "architecture.depth=2",
+                 "--checkpoint", str(digits_weights), "--image", str(image), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and str(image) in err and "truncated" in err, err
+    assert not out.exists()

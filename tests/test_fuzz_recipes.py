@@ -216,5 +216,5 @@ def test_build_accepts_or_refuses_any_recipe_cleanly(worker, tmp_path_factory):
 
     check()
     # a fuzz that only ever hit the YAML parser, or never hit it, would prove little
-    assert outcomes[0] >= EXAMPLES // 10 and outcomes[2] >= EXAMPLES // 10, dict(outcomes)
+    assert min(outcomes[0], outcomes[2]) >= max(1, EXAMPLES // 20), dict(outcomes)
     print(f"fuzz: {dict(outcomes)} (exit code: examples)")
