@@ -40,3 +40,11 @@ def test_training_counts_every_layer_and_the_optimiser_state():
     inference, training = estimate(network, batch=4), estimate(network, batch=4, training=True)
     assert training.forward_bytes > 10 * inference.forward_bytes  # 12 layers kept for the backward
     assert training.total_bytes - training.forward_bytes == 4 * inference.parameters * BYTES + inference.buffers * BYTES
+
+
+def test_measuring_counts_the_float64_copies_of_every_step():
+    network = to_network(load_recipe(ROOT / "recipes/crate_tiny.yaml"))
+    plain, measuring = estimate(network, batch=2), estimate(network, batch=2, measuring=True)
+    tokens, steps, layers = 197, 2, 12
+    # per sample and step: input and output, 384 rows each, float64 (4 float32-sized bytes each)
+    assert measuring.forward_bytes - plain.forward_bytes == 2 * layers * steps * 4 * tokens * 384 * BYTES

@@ -186,3 +186,22 @@ def test_attention_on_a_truncated_image_says_so_and_writes_nothing(tmp_path, cap
     err = capsys.readouterr().err
     assert code == 2 and str(image) in err and "truncated" in err, err
     assert not out.exists()
+
+
+def test_a_folder_that_cannot_be_looked_into_is_an_error_not_a_traceback(tmp_path, capsys, monkeypatch):
+    # as root, chmod cannot lock a folder; pathlib's stat raising EACCES is what a user would meet
+    import pathlib
+
+    locked = tmp_path / "locked"
+    real = pathlib.Path.stat
+
+    def stat(self, *args, **kwargs):
+        if str(self).startswith(str(locked)):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "stat", stat)
+    assert main(["build", str(TINY), "--out", str(locked / "run"), *SMALL]) == 2
+    assert "--out: cannot look here: permission denied" in capsys.readouterr().err
+    assert main(["explain", str(locked / "recipe.yaml")]) == 2
+    assert "cannot read the recipe (Permission denied)" in capsys.readouterr().err

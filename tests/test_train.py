@@ -111,28 +111,58 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.slow
-def test_a_nan_loss_in_one_process_stops_every_process_with_the_same_error(tmp_path):
-    """The two processes are started as torchrun starts them (its environment variables), not by
-    torchrun: it stops the others as soon as one exits, so whether they said why would be a race."""
-    (tmp_path / "poisoned.py").write_text(POISONED)
+def two_processes(script: str, folder: Path) -> list[tuple[int, str]]:
+    """(exit code, stderr) of ``script`` (a CLI wrapper) training on two gloo processes, started as
+    torchrun starts them (its environment variables), not by torchrun: it stops the others as
+    soon as one exits, so whether they said why would be a race."""
+    (folder / "wrapper.py").write_text(script)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
-    args = [sys.executable, str(tmp_path / "poisoned.py"), "train", str(DIGITS), "--device", "cpu", "--out",
-            str(tmp_path / "run"), *[a for s in SMALL for a in ("--set", s)]]
+    args = [sys.executable, str(folder / "wrapper.py"), "train", str(DIGITS), "--device", "cpu", "--out",
+            str(folder / "run"), *[a for s in SMALL for a in ("--set", s)]]
     procs = [subprocess.Popen(args, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for rank in range(2)]
-    try:  # before the fix, process 0 went on into the next all-reduce: a gloo traceback, or a hang
+    try:  # a process that went on alone into the next all-reduce: a gloo traceback, or a hang
         errs = [proc.communicate(timeout=120)[1] for proc in procs]
     finally:
         for proc in procs:
             proc.kill()
-    for proc, err in zip(procs, errs):
-        assert proc.returncode == 2, err[-3000:]
+    return [(proc.returncode, err) for proc, err in zip(procs, errs)]
+
+
+@pytest.mark.slow
+def test_a_nan_loss_in_one_process_stops_every_process_with_the_same_error(tmp_path):
+    for code, err in two_processes(POISONED, tmp_path):
+        assert code == 2, err[-3000:]
         assert "the loss became NaN at epoch 1 step 3; lower training.lr" in err and "Traceback" not in err
     assert not (tmp_path / "run" / state.CHECKPOINTS).exists()
+
+
+#: ``unroll`` whose process 0 finds the disk full when it writes a checkpoint
+FULL_DISK = """
+import errno, os, sys
+import unroll.train.state as state
+from unroll.cli import main
+
+real = state.write_durably
+
+def full(path, data):
+    if os.environ["RANK"] == "0":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return real(path, data)
+
+state.write_durably = full
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_write_failing_in_process_0_stops_every_process(tmp_path):
+    (main_code, main_err), (other_code, other_err) = two_processes(FULL_DISK, tmp_path)
+    assert main_code == 2 and "no space left" in main_err and "Traceback" not in main_err, main_err[-3000:]
+    assert other_code == 2 and "another process failed" in other_err and "Traceback" not in other_err, other_err[-3000:]
 
 
 def test_lion_step_is_its_definition():

@@ -126,12 +126,16 @@ def peak_forward_mib(model, batch: int, device: str, dtype: torch.dtype | None =
     return peak / 2**20
 
 
+#: the long-sequence case: the recipe with 8x8 patches (forward only)
+LONG_SEQUENCE = ["architecture.patch_size=8"]
+
+
 def run(recipe: Path, overrides: list[str], batch: int, device: str, repeats: int, long_sequence: bool,
         dtype: torch.dtype | None = None, memory: bool = True) -> list[dict]:
     """Rows of the report: one per case (the recipe, and its patch-8 long-sequence variant)."""
     cases = [("recipe", overrides, True)]
     if long_sequence:
-        cases.append(("patch 8 (long sequence)", overrides + ["architecture.patch_size=8"], False))
+        cases.append(("patch 8 (long sequence)", overrides + LONG_SEQUENCE, False))
     rows = []
     for label, case_overrides, train in cases:
         plain, fast = build_pair(recipe, case_overrides, device)

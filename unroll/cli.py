@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from unroll.errors import UnrollError, located
+from unroll.errors import UnrollError, excerpt, located
 
 #: plain help and usage text: rich markup would swallow the `[default: ...]` brackets
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
@@ -62,7 +62,7 @@ MaxMemory = Annotated[float, typer.Option("--max-memory", metavar="GIB", min=0.0
 
 
 def _within_budget(recipe: Path, overrides: list[str], max_memory: float, batch: int | None = 1,
-                   training: bool = False, optimize: bool = True):
+                   training: bool = False, optimize: bool = True, measuring: bool = False):
     """(the resolved recipe, its network), once the memory estimate of what the command will run
     (``batch`` images; None: the recipe's training batch) is within ``--max-memory``: nothing
     large is allocated before this."""
@@ -72,7 +72,7 @@ def _within_budget(recipe: Path, overrides: list[str], max_memory: float, batch:
     resolved = load_recipe(recipe, overrides)
     with located(str(recipe)):
         network = to_network(resolved)
-        check_budget(network, max_memory, optimize, batch or resolved.training.batch_size, training)
+        check_budget(network, max_memory, optimize, batch or resolved.training.batch_size, training, measuring)
     return resolved, network
 
 
@@ -180,11 +180,16 @@ def bench(
     """Throughput and peak memory of the default build against the plain lowering (--no-optimize), same weights."""
     import torch
 
-    from unroll.bench import device_peak_tflops, run as run_bench
+    from unroll.bench import LONG_SEQUENCE, device_peak_tflops, run as run_bench
 
-    _within_budget(recipe, set or [], max_memory, batch, training=True)
+    _within_budget(recipe, set or [], max_memory, batch, training=True, optimize=False)
+    if long:
+        try:
+            _within_budget(recipe, [*(set or []), *LONG_SEQUENCE], max_memory, batch, optimize=False)
+        except UnrollError as e:
+            raise UnrollError(f"the patch-8 long-sequence case: {e.message} (--no-long skips it)", where=e.where) from None
     if dtype not in ("float32", "bfloat16"):
-        raise UnrollError(f"--dtype must be float32 or bfloat16, found {dtype!r}")
+        raise UnrollError(f"--dtype must be float32 or bfloat16, found {excerpt(dtype)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UnrollError("--device cuda: no CUDA device is available")
     with located(str(recipe)):
@@ -236,11 +241,12 @@ def train(
         print(f"epoch {last['epoch']}: val_acc {last['val_acc']:.4f}, val_loss {last['val_loss']:.4f}; wrote {folder}")
 
 
-def _built(recipe: Path, checkpoint: Optional[Path], overrides: list[str], max_memory: float, batch: int = 1):
+def _built(recipe: Path, checkpoint: Optional[Path], overrides: list[str], max_memory: float, batch: int = 1,
+           measuring: bool = False):
     """(the resolved recipe, its model in eval mode with the checkpoint's weights)."""
     from unroll.api import build
 
-    resolved, network = _within_budget(recipe, overrides, max_memory, batch)
+    resolved, network = _within_budget(recipe, overrides, max_memory, batch, measuring=measuring)
     with located(str(recipe)):
         return resolved, build(network, checkpoint=checkpoint).eval()
 
@@ -260,7 +266,7 @@ def measure(
     from unroll.measure import measure as measure_layers, write
     from unroll.train import data as datasets
 
-    resolved, model = _built(recipe, checkpoint, set or [], max_memory, batch=samples)  # one forward of them all
+    resolved, model = _built(recipe, checkpoint, set or [], max_memory, batch=samples, measuring=True)  # one forward of all
     folder = output_folder(out or Path("runs") / resolved.name / "measure")
     a = resolved.architecture
     with located(str(recipe)):
@@ -316,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the file system said no somewhere not yet wrapped: still the user's to fix
+        where = f"{excerpt(str(e.filename), 200)}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or type(e).__name__}", file=sys.stderr)
+        return 2
     except (MemoryError, RuntimeError) as e:
         if not isinstance(e, MemoryError) and "memory" not in str(e).lower():
             raise  # a bug in unroll: the traceback is the report

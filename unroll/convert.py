@@ -171,7 +171,7 @@ def convert_reference(
                 try:
                     tensor = rearrange(tensor, pattern, k=heads)
                 except Exception as e:
-                    raise UnrollError(f"{key}: cannot split {tuple(tensor.shape)} into {heads} heads ({e})", where=where) from None
+                    raise UnrollError(f"{cut(key)}: cannot split {tuple(tensor.shape)} into {heads} heads ({str(e)[:200]})", where=where) from None
             out[attr_key] = tensor
         else:
             unexpected.append(key)

@@ -59,14 +59,17 @@ def output_folder(path: str | Path, option: str = "--out") -> Path:
     write into, so a bad ``--out`` fails in a second rather than after an hour. Nothing is
     created: a run that fails leaves no empty folder behind (the writers create it)."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
+    try:
+        is_file = path.exists() and not path.is_dir()
+        existing = path
+        while not existing.exists() and existing.parent != existing:
+            existing = existing.parent
+        existing_is_dir = existing.is_dir()
+    except OSError as e:  # pathlib lets EACCES through exists() and is_dir()
+        raise UnrollError(f"{option}: cannot look here: {_REASONS.get(e.errno or 0) or e.strerror}", where=str(path)) from None
+    if is_file:
         raise UnrollError(f"{option} must be a folder, and this is an existing file", where=str(path))
-    existing = path
-    while not existing.exists():
-        if existing.parent == existing:
-            break
-        existing = existing.parent
-    if existing != path and not existing.is_dir():
+    if existing != path and not existing_is_dir:
         raise UnrollError(f"{option}: cannot make this folder: {existing} is a file", where=str(path))
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UnrollError(f"{option}: cannot write here: permission denied", where=str(path))

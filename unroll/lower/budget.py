@@ -53,8 +53,10 @@ def human(size: int) -> str:
     return f"{size / GIB:,.1f} GiB" if size >= GIB else f"{max(1, round(size / (1 << 20)))} MiB"
 
 
-def estimate(network: Network, optimize: bool = True, batch: int = 1, training: bool = False) -> Estimate:
-    """The memory of ``network``'s weights and of one forward of ``batch`` images (float32)."""
+def estimate(network: Network, optimize: bool = True, batch: int = 1, training: bool = False,
+             measuring: bool = False) -> Estimate:
+    """The memory of ``network``'s weights and of one forward of ``batch`` images (float32).
+    ``measuring``: ``unroll measure`` also keeps every step's input and output in float64."""
     from unroll.lower.model import lower_network
 
     with torch.device("meta"):
@@ -70,7 +72,15 @@ def estimate(network: Network, optimize: bool = True, batch: int = 1, training: 
         per_sample = image + network.depth * sum(encoder) + (network.decoder.depth * sum(decoder) if decoder else 0)
     else:  # one step's temporaries at a time
         per_sample = image + max([*encoder, *decoder])
+    if measuring:  # two float64 matrices (4 float32 values each) per step and layer
+        per_sample += network.depth * sum(4 * tokens * _widest(d, sizes) for d in model.derived)
     return Estimate(parameters, buffers, batch * per_sample * BYTES, batch, training)
+
+
+def _widest(d, sizes: dict[str, int]) -> int:
+    """The most rows a token matrix of this step has: the width, the heads' stacked projections,
+    or an expanded code."""
+    return max(sizes["d"], sizes["K"] * sizes["p"], d.final.expansion * sizes["d"])
 
 
 def _layer_values(derived, sizes: dict[str, int], tokens: int) -> list[int]:
@@ -78,7 +88,7 @@ def _layer_values(derived, sizes: dict[str, int], tokens: int) -> list[int]:
     the K attention matrices (N x N) of a step that compares tokens, once per iteration."""
     out = []
     for d in derived:
-        wide = max(sizes["d"], sizes["K"] * sizes["p"], d.final.expansion * sizes["d"])
+        wide = _widest(d, sizes)
         attention = 2 * sizes["K"] * tokens * tokens if d.final.out.atoms(Softmax) or any(
             getattr(e, "atoms", None) and e.atoms(Softmax) for _, e in d.final.where) else 0
         out.append(getattr(d.step, "iterations", 1) * (LIVE_MATRICES * tokens * wide + attention))
@@ -86,9 +96,9 @@ def _layer_values(derived, sizes: dict[str, int], tokens: int) -> list[int]:
 
 
 def check_budget(network: Network, limit_gib: float, optimize: bool = True, batch: int = 1,
-                 training: bool = False) -> Estimate:
+                 training: bool = False, measuring: bool = False) -> Estimate:
     """Refuse a build whose :func:`estimate` exceeds ``limit_gib``, with the estimate in the message."""
-    found = estimate(network, optimize, batch, training)
+    found = estimate(network, optimize, batch, training, measuring)
     if found.total_bytes > limit_gib * GIB:
         raise UnrollError(
             f"this {'training run' if training else 'build'} needs {found.describe()}, more than the limit of {limit_gib:g} GiB; "

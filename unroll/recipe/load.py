@@ -4,6 +4,7 @@ name the file and the field, quoting at most a short excerpt of the input."""
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +75,9 @@ def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
         node: Any = data
         for depth, part in enumerate(parts):
             last = depth == len(parts) - 1
-            here = ".".join(parts[: depth + 1])
+            here = ".".join(parts[: depth + 1])[:60]
             if isinstance(node, list):
-                if not (part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node)):
+                if not (re.fullmatch(r"-?[0-9]{1,9}", part) and -len(node) <= int(part) < len(node)):
                     raise UnrollError(f"--set {key[:40]}: {here} is not an item of a list of {len(node)}", where=source)
                 if last:
                     node[int(part)] = value
@@ -88,7 +89,7 @@ def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
                 else:
                     node = node.setdefault(part, {})
             else:
-                raise UnrollError(f"--set {key[:40]}: {'.'.join(parts[:depth])} is a value, not a mapping or list",
+                raise UnrollError(f"--set {key[:40]}: {'.'.join(parts[:depth])[:60]} is a value, not a mapping or list",
                                   where=source)
     return data
 
@@ -112,11 +113,11 @@ def _missing_file_hint(path: Path) -> str:
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read and validate a recipe file; ``overrides`` are ``key=value`` strings."""
     path = Path(path)
-    if path.is_dir():
-        raise UnrollError("expected a recipe file, found a folder", where=str(path))
-    if not path.is_file():
-        raise UnrollError("no such recipe file" + _missing_file_hint(path), where=str(path))
     try:
+        if path.is_dir():
+            raise UnrollError("expected a recipe file, found a folder", where=str(path))
+        if not path.is_file():
+            raise UnrollError("no such recipe file" + _missing_file_hint(path), where=str(path))
         size = path.stat().st_size
         if size > MAX_BYTES:
             raise UnrollError(f"{size:,} bytes; a recipe may have at most {MAX_BYTES:,}", where=str(path))

@@ -91,6 +91,21 @@ def everywhere(value: float, world: World, device: torch.device) -> float:
     return total.item()
 
 
+def together(action, world: World, device: torch.device, only_main: bool = False):
+    """``action()`` on every process (or on process 0 only: the writes of the run folder), and
+    a failure on any one is a failure on all: the others would otherwise wait for it in the next
+    collective, forever (nccl) or until gloo's connection drops (a traceback)."""
+    error, result = None, None
+    if world.main or not only_main:
+        try:
+            result = action()
+        except UnrollError as e:
+            error = e
+    if everywhere(float(error is not None), world, device) > 0:
+        raise error or UnrollError("another process failed (see its error); stopped with it")
+    return result
+
+
 def rank_share(batch: torch.Tensor, world: World) -> torch.Tensor:
     """This process's share of a global batch: every ``size``-th item from ``rank`` (disjoint,
     equal in size when ``size`` divides the batch)."""
@@ -135,8 +150,7 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
         torch.cuda.set_device(dev)
     world = _world(dev)
     recipe = load_recipe(recipe_path, overrides or [])
-    if world.main:  # a bad --out fails now, not after the first epoch
-        output_folder(out)
+    output_folder(out)  # by every process: a bad --out fails now, and everywhere
     if resume and not out.is_dir():
         raise UnrollError("nothing to resume: no such folder", where=str(out))
     if not resume:  # by every process, so all stop together
@@ -169,12 +183,16 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
     rows: list[dict] = []
     start = 0
     if resume:
-        record = state.load(out, model, optimizer, scheduler, info, main=world.main)
+        record = together(lambda: state.load(out, model, optimizer, scheduler, info, main=world.main), world, dev)
         start, rows = record["epoch"], record["metrics"]
-        if world.main:  # rows past the checkpoint (from a crash before it was published) are dropped
-            write_csv(out / "metrics.csv", rows, METRICS)
-    elif world.main:
-        write_recipe(recipe, out / "recipe.yaml")
+        # each process chose its checkpoint itself: they must agree, or their loops would differ
+        if everywhere(float(start), world, dev) != start * world.size:
+            raise UnrollError("the processes found different newest checkpoints (is the folder shared by every "
+                              "node?); resume from one that all of them see", where=str(out))
+        # rows past the checkpoint (from a crash before it was published) are dropped
+        together(lambda: write_csv(out / "metrics.csv", rows, METRICS), world, dev, only_main=True)
+    else:
+        together(lambda: write_recipe(recipe, out / "recipe.yaml"), world, dev, only_main=True)
     net = model
     if world.size > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -222,7 +240,8 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
                 sums = torch.tensor([seen, loss_sum, correct], dtype=torch.float64, device=dev)
                 dist.all_reduce(sums)
                 seen, loss_sum, correct = int(sums[0]), float(sums[1]), float(sums[2])
-            val_loss, val_acc = evaluate(model, val_set, label_smoothing=t.label_smoothing)
+            # in batches no larger than training's: the memory estimate checked that batch
+            val_loss, val_acc = evaluate(model, val_set, min(256, t.batch_size), t.label_smoothing)
             row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen, "val_loss": val_loss,
                    "val_acc": val_acc, "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - began}
             rows.append(row)
@@ -230,9 +249,12 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
                 raise UnrollError(f"the weights became NaN or inf at epoch {epoch + 1} ({name_list(bad)}); lower "
                                   f"training.lr (now {t.lr:g}); the checkpoints of earlier epochs are kept",
                                   where=str(recipe_path))
-            if world.main:  # the checkpoint is the commit; metrics.csv is rewritten from it on resume
+            def commit(epoch=epoch):  # the checkpoint is the commit; metrics.csv is rewritten from it on resume
                 write_csv(out / "metrics.csv", rows, METRICS)
                 state.save(out, model, optimizer, scheduler, epoch + 1, info, rows)
+
+            together(commit, world, dev, only_main=True)
+            if world.main:
                 console.print(
                     f"epoch {epoch + 1}/{t.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
                     f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {row['lr']:.3g}  {row['seconds']:.1f} s",

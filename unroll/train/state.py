@@ -295,14 +295,18 @@ def _restore(folder: Path, record: dict, model, optimizer, scheduler, expected: 
             raise ValueError("its optimizer settings do not have this recipe's optimizer's entries")
         if not _same_kind(record["scheduler"], expected["scheduler"]):
             raise ValueError("its scheduler settings do not have this recipe's schedule's entries")
-        if not all(isinstance(v, (torch.Tensor, int, float)) for entry in joined["state"].values() for v in entry.values()):
-            raise ValueError("its optimizer state holds values that are not numbers")
+        # AdamW and Lion keep only tensors per parameter, all in the tensors file (under the digest):
+        # a number in the JSON in their place can only be an edit
+        if not all(isinstance(v, torch.Tensor) for entry in joined["state"].values() for v in entry.values()):
+            raise ValueError("its optimizer state holds values that are not tensors")
+        if len({frozenset(entry) for entry in joined["state"].values()}) > 1:
+            raise ValueError("its parameters' optimizer states have different entries")
         rng = tensors["rng.torch"]
         if rng.dtype != torch.uint8 or rng.shape != expected["rng"].shape:
             raise ValueError("its random generator state is not one")
         optimizer.load_state_dict(joined)
         for p, entry in optimizer.state.items():  # per-parameter tensors (moments) have the parameter's shape
-            if any(isinstance(v, torch.Tensor) and v.dim() and v.shape != p.shape for v in entry.values()):
+            if any(name != "step" and v.shape != p.shape for name, v in entry.items()):
                 raise ValueError("its optimizer state does not fit the model's parameters")
         scheduler.load_state_dict({**record["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
         torch.set_rng_state(rng)
