@@ -100,15 +100,15 @@ def test_out_that_is_an_existing_file_is_refused_before_any_work(tmp_path, capsy
 def _fail_after(monkeypatch, code: int, where: str) -> None:
     """Make the weights writer write half its bytes and then fail with ``code`` (a full disk,
     a read-only mount), the way the operating system would."""
-    import unroll.checkpoint as checkpoint
+    import unroll.files as files
 
-    real = checkpoint.write_durably
+    real = files.write_durably
 
     def failing(path, data):
         real(path, data[: len(data) // 2])
         raise OSError(code, os.strerror(code), where)
 
-    monkeypatch.setattr(checkpoint, "write_durably", failing)
+    monkeypatch.setattr(files, "write_durably", failing)
 
 
 @pytest.mark.parametrize("code, reason", [(errno.ENOSPC, "no space left"), (errno.EACCES, "permission denied"),

@@ -18,9 +18,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as encode_safetensors
 
-from unroll.errors import EXCERPT_CHARS, UnrollError, excerpt, note
-from unroll.files import Writer, atomic_write, write_durably
-from unroll.finite import NAMES_SHOWN, name_list, nonfinite_names
+from unroll.errors import UnrollError, excerpt, note, shorten
+from unroll.files import Writer, atomic_write, bytes_writer
+from unroll.finite import name_list, nonfinite_names
 
 #: ``__metadata__`` key of the format version of a file ``save_weights`` wrote
 FORMAT_KEY = "unroll.format"
@@ -48,13 +48,12 @@ def encode(state: dict[str, torch.Tensor]) -> bytes:
 
 def weights_writer(state: dict[str, torch.Tensor]) -> Writer:
     """Writes :func:`encode` of ``state`` (encoded now, so later edits of the weights don't show)."""
-    data = encode(state)
-    return lambda tmp: write_durably(tmp, data)
+    return bytes_writer(encode(state))
 
 
 def save_encoded(data: bytes, path: str | Path) -> Path:
     """Write bytes :func:`encode` returned (a training checkpoint reuses its own for the user's copy)."""
-    return atomic_write(Path(path), lambda tmp: write_durably(tmp, data))
+    return atomic_write(Path(path), bytes_writer(data))
 
 
 def save_weights(state: dict[str, torch.Tensor], path: str | Path) -> Path:
@@ -94,14 +93,9 @@ def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
         raise UnrollError(f"NaN or inf values in {len(bad)} tensor(s): {name_list(bad)}", where=where)
 
 
-def cut(name: str, limit: int = EXCERPT_CHARS) -> str:
-    """A key of a foreign file, shortened: keys are user input, and may be megabytes long."""
-    return name if len(name) <= limit else name[: limit - 1] + "…"
-
-
 def check_state(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], where: str) -> None:
     missing = sorted(set(expected) - set(found))
-    unexpected = sorted(cut(k) for k in set(found) - set(expected))
+    unexpected = sorted(shorten(k) for k in set(found) - set(expected))
     wrong = [f"{k}: expected {tuple(expected[k].shape)}, found {tuple(found[k].shape)}"
              for k in expected if k in found and expected[k].shape != found[k].shape]
     problems = []  # each list cut short: a foreign file may have thousands of keys
@@ -110,8 +104,7 @@ def check_state(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor
     if unexpected:
         problems.append(f"unexpected keys: {name_list(unexpected)}")
     if wrong:
-        more = f" and {len(wrong) - NAMES_SHOWN} more" if len(wrong) > NAMES_SHOWN else ""
-        problems.append(f"shape mismatches: {'; '.join(wrong[:NAMES_SHOWN])}{more}")  # '; ': shapes hold commas
+        problems.append(f"shape mismatches: {name_list(wrong, sep='; ')}")  # '; ': shapes hold commas
     if problems:
         raise UnrollError("checkpoint does not fit the model built from the recipe\n  " + "\n  ".join(problems), where=where)
 

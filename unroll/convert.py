@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from einops import rearrange
 
-from unroll.checkpoint import check_state, cut, save_weights
-from unroll.errors import UnrollError
+from unroll.checkpoint import check_state, save_weights
+from unroll.errors import UnrollError, shorten
 from unroll.finite import name_list
 from unroll.files import output_folder
 
@@ -171,12 +171,12 @@ def convert_reference(
                 try:
                     tensor = rearrange(tensor, pattern, k=heads)
                 except Exception as e:
-                    raise UnrollError(f"{cut(key)}: cannot split {tuple(tensor.shape)} into {heads} heads ({str(e)[:200]})", where=where) from None
+                    raise UnrollError(f"{shorten(key)}: cannot split {tuple(tensor.shape)} into {heads} heads ({str(e)[:200]})", where=where) from None
             out[attr_key] = tensor
         else:
             unexpected.append(key)
     if unexpected:
-        raise UnrollError(f"unexpected keys for a {layout.name} checkpoint: {name_list(sorted(map(cut, unexpected)))}",
+        raise UnrollError(f"unexpected keys for a {layout.name} checkpoint: {name_list(sorted(map(shorten, unexpected)))}",
                           where=where)
     check_state(model.state_dict(), out, where)
     return out, layout, dropped

@@ -48,6 +48,12 @@ def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def shorten(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, unquoted: for names the user chose (a key of a
+    foreign checkpoint, a dotted ``--set`` key), which may be megabytes long."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _bounded_repr(value: Any, limit: int, depth: int = 0) -> str:
     # repr of a huge nested container is itself huge; render containers piecewise
     if depth > limit and isinstance(value, (dict, list, tuple)):

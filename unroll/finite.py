@@ -18,7 +18,7 @@ def nonfinite_names(state: dict[str, torch.Tensor]) -> list[str]:
             if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())]
 
 
-def name_list(names: list[str], limit: int = NAMES_SHOWN) -> str:
+def name_list(names: list[str], limit: int = NAMES_SHOWN, sep: str = ", ") -> str:
     """``a, b, c`` or, past ``limit`` names, ``a, b, ... and 7 more``: an error stays short."""
-    shown = ", ".join(names[:limit])
+    shown = sep.join(names[:limit])
     return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"

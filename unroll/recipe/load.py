@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from unroll.errors import UnrollError, excerpt
+from unroll.errors import UnrollError, excerpt, shorten
 from unroll.files import write_text
 from unroll.recipe.schema import Recipe
 from unroll.recipe.strict_yaml import MAX_BYTES, MAX_DEPTH, check_depth, read_yaml
@@ -70,15 +70,15 @@ def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
         try:
             value = read_yaml(raw, "--set")
         except UnrollError as e:
-            raise UnrollError(f"--set {key[:40]}: the value {excerpt(raw)} is not valid YAML "
+            raise UnrollError(f"--set {shorten(key)}: the value {excerpt(raw)} is not valid YAML "
                               f"({e.message})", where=source) from None
         node: Any = data
         for depth, part in enumerate(parts):
             last = depth == len(parts) - 1
-            here = ".".join(parts[: depth + 1])[:60]
+            here = shorten(".".join(parts[: depth + 1]))
             if isinstance(node, list):
                 if not (re.fullmatch(r"-?[0-9]{1,9}", part) and -len(node) <= int(part) < len(node)):
-                    raise UnrollError(f"--set {key[:40]}: {here} is not an item of a list of {len(node)}", where=source)
+                    raise UnrollError(f"--set {shorten(key)}: {here} is not an item of a list of {len(node)}", where=source)
                 if last:
                     node[int(part)] = value
                 else:
@@ -89,7 +89,7 @@ def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
                 else:
                     node = node.setdefault(part, {})
             else:
-                raise UnrollError(f"--set {key[:40]}: {'.'.join(parts[:depth])[:60]} is a value, not a mapping or list",
+                raise UnrollError(f"--set {shorten(key)}: {shorten('.'.join(parts[:depth]))} is a value, not a mapping or list",
                                   where=source)
     return data
 

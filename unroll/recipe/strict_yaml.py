@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from unroll.errors import UnrollError, excerpt
+from unroll.errors import UnrollError, excerpt, shorten
 
 #: the largest recipe file; the bundled ones are about 2 KB
 MAX_BYTES = 1 << 20
@@ -82,7 +82,7 @@ def _scan(text: str, where: str) -> None:
             if event.anchor not in sizes:
                 open_anchors = {a for a, _ in stack}
                 what = "refers to a mapping or list that contains it" if event.anchor in open_anchors else "is not defined"
-                raise UnrollError(f"the alias *{event.anchor[:40]} {what}{_at(event.start_mark)}", where=where)
+                raise UnrollError(f"the alias *{shorten(event.anchor)} {what}{_at(event.start_mark)}", where=where)
             anchor, size = None, sizes[event.anchor]
         else:
             continue

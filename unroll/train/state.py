@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from unroll.checkpoint import check_finite, cut, encode, fit, read_tensors, save_encoded, save_weights
-from unroll.errors import UnrollError, excerpt, note
+from unroll.checkpoint import check_finite, encode, fit, read_tensors, save_encoded, save_weights
+from unroll.errors import UnrollError, excerpt, note, shorten
 from unroll.files import os_error, write_durably, writing
 
 CHECKPOINTS = "checkpoints"
@@ -312,7 +312,7 @@ def _restore(folder: Path, record: dict, model, optimizer, scheduler, expected: 
         torch.set_rng_state(rng)
     except _BROKEN as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UnrollError(f"the training state is damaged: {cut(f'{type(e).__name__}: {reason}', 120)}",
+        raise UnrollError(f"the training state is damaged: {shorten(f'{type(e).__name__}: {reason}', 120)}",
                           where=str(folder / STATE_JSON)) from None
     model.load_state_dict(weights)
 
