@@ -19,7 +19,7 @@ import sympy as sp
 import torch
 
 from unroll.expr.symbols import N, d
-from unroll.objective.base import Gradient, logdet_spd, Term
+from unroll.objective.base import Gradient, logdet_gram, Term
 
 alpha = sp.Symbol("alpha", positive=True)
 
@@ -46,5 +46,4 @@ class CodingRate(Term):
         """Per sample, ``Z`` of shape (B, d, N)."""
         _, dim, n = Z.shape
         a = dim / (n * self.eps**2)
-        eye = torch.eye(n, dtype=Z.dtype, device=Z.device)
-        return 0.5 * logdet_spd(eye + a * Z.mT @ Z)
+        return 0.5 * logdet_gram(Z, a)  # d x d determinants once N > d

@@ -20,7 +20,7 @@ import torch
 
 from unroll.expr.nodes import HeadSum
 from unroll.expr.symbols import N, d, p
-from unroll.objective.base import Gradient, logdet_spd, ParamSpec, Term
+from unroll.objective.base import Gradient, logdet_gram, ParamSpec, Term
 
 beta = sp.Symbol("beta", positive=True)
 SUBSPACES = ParamSpec("U_k", d, p, ("uniform", d), "subspace bases (the attention's q = k = v projection)")
@@ -55,5 +55,4 @@ class Compression(Term):
         n, dim_head = Z.shape[-1], U.shape[-1]
         b = dim_head / (n * self.eps**2)
         W = U.mT.unsqueeze(0) @ Z.unsqueeze(1)  # (B, K, p, N)
-        eye = torch.eye(n, dtype=Z.dtype, device=Z.device)
-        return 0.5 * logdet_spd(eye + b * W.mT @ W).sum(-1)
+        return 0.5 * logdet_gram(W, b).sum(-1)  # p x p determinants once N > p
