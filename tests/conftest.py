@@ -26,7 +26,7 @@ def evaluate_printed(update, step, Z: np.ndarray) -> np.ndarray:
     """Evaluate the printed update expression of ``update`` on one sample Z (d x N), with the
     weights of the lowered ``step``, straight from the sympy tree."""
     smooth = {
-        t.name: (lambda x, t=t: t.row_grad()(torch.from_numpy(x.T)[None]).numpy()[0].T)
+        t.name: (lambda x, *params, t=t: t.row_grad()(torch.from_numpy(x.T)[None], *map(torch.from_numpy, params)).numpy()[0].T)
         for t in update.smooth_terms
     }
     return evaluate(update.out, {**step_values(step), "Z": Z}, update.where, smooth)

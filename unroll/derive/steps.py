@@ -12,6 +12,7 @@ Relaxations (:mod:`unroll.relax`) are stored with the step and applied after der
 from __future__ import annotations
 
 import keyword
+import math
 from dataclasses import dataclass
 from typing import Literal, Union
 
@@ -20,16 +21,35 @@ import sympy as sp
 from unroll.derive.update import Update, merge_params
 from unroll.errors import UnrollError
 from unroll.expr.nodes import ReLU
-from unroll.expr.symbols import N, Z, d, m
-from unroll.objective.base import Objective, ParamSpec, Term, Weighted
+from unroll.expr.vocabulary import clamp
+from unroll.expr.symbols import SIZES, N, Z, d, m
+from unroll.objective.base import Objective, ParamSpec, Term, Weighted, objective_text
 from unroll.objective.lasso import DICTIONARY, Lasso
 from unroll.objective.sparsity import L1, NonNegative, lam
 
 kappa, eta = sp.symbols("kappa eta", positive=True)
 
 
+class _Step:
+    """What every step checks when it is made: what it optimises and its relaxations."""
+
+    def __post_init__(self):
+        if not isinstance(self.on, (Term, Objective)):
+            raise UnrollError(f"a step optimises a term or a sum of terms, found {type(self.on).__name__}",
+                              field=f"step {self.name}")
+        relax = self.relax
+        if not isinstance(relax, (tuple, list)):
+            raise UnrollError(f"relax must be a tuple of relaxations, found a {type(relax).__name__}",
+                              field=f"step {self.name}")
+        for i, r in enumerate(relax):
+            if not callable(getattr(r, "apply", None)) or not isinstance(getattr(r, "name", None), str):
+                raise UnrollError(f"relax item {i} is a {type(r).__name__}, not a relaxation (from unroll.relax)",
+                                  field=f"step {self.name}")
+        object.__setattr__(self, "relax", tuple(relax))
+
+
 @dataclass(frozen=True)
-class GradientStep:
+class GradientStep(_Step):
     on: Objective | Term
     step_size: float = 1.0
     name: str = "gradient"
@@ -39,7 +59,7 @@ class GradientStep:
 
 
 @dataclass(frozen=True)
-class ProximalStep:
+class ProximalStep(_Step):
     on: Objective | Term
     step_size: float = 0.1
     iterations: int = 1
@@ -51,7 +71,7 @@ class ProximalStep:
 
 
 @dataclass(frozen=True)
-class SynthesisStep:
+class SynthesisStep(_Step):
     r"""``Z⁺ = D Z``: read the input as a sparse code of ``on``'s dictionary term and return the
     signal it codes, with a learned dictionary D (d x m) of its own. It undoes a proximal step
     whose output is the code (see :mod:`unroll.derive.inverse`)."""
@@ -63,6 +83,7 @@ class SynthesisStep:
 
 
 Step = Union[GradientStep, ProximalStep, SynthesisStep]
+STEP_TYPES = (GradientStep, ProximalStep, SynthesisStep)
 
 #: a step's name becomes a submodule name (``layers.0.steps.<name>``) and a column of ``measure``
 MAX_NAME_LENGTH = 64
@@ -118,11 +139,26 @@ def _smooth_terms(parts) -> tuple[Term, ...]:
 
 
 def _title(kind: str, parts) -> str:
-    labels = " + ".join(w.term.label for w in parts)
-    return f"{kind} on {labels}"
+    return f"{kind} on {objective_text(parts)}"
+
+
+def step_constants(step: Step) -> dict[str, str]:
+    """Where each constant of ``step``'s update comes from, in words (for messages)."""
+    sources = {"kappa": "the step size, step_size", "eta": "the step size, step_size"}
+    for w in _parts(step.on):
+        for name in w.term.constants():
+            sources.setdefault(name, f"a setting of the term {w.term.label}")
+    return sources
+
+
+def _check_step_size(step) -> None:
+    size = step.step_size
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or not math.isfinite(size) or size <= 0:
+        raise UnrollError(f"step_size must be a positive number, found {size!r}", field=f"step {step.name}")
 
 
 def _derive_gradient(step: GradientStep) -> Update:
+    _check_step_size(step)
     parts = _parts(step.on)
     increment, where, params = [], [], ()
     for w in parts:
@@ -144,7 +180,7 @@ def _derive_gradient(step: GradientStep) -> Update:
     constants = _constants(step.name, [w.term for w in parts], {"kappa": step.step_size})
     return Update(
         name=step.name,
-        title=_title("gradient ascent" if all(w.weight.is_negative for w in parts) else "gradient descent", parts),
+        title=_gradient_title(parts),
         out=out,
         where=tuple(where),
         params=params,
@@ -153,30 +189,125 @@ def _derive_gradient(step: GradientStep) -> Update:
     )
 
 
-def prox_of(nonsmooth: list[Weighted], V: sp.MatrixExpr, t: sp.Expr) -> sp.MatrixExpr:
-    r"""``prox_{t g}(V)`` for a sum g of non-smooth terms with a known closed form.
+def _gradient_title(parts) -> str:
+    """Descent on the objective as written; a step on ``-f`` alone is ascent on f."""
+    if all(w.weight.is_negative for w in parts):
+        return _title("gradient ascent", [Weighted(-w.weight, w.term) for w in parts])
+    return _title("gradient descent", parts)
 
-    The l1 norm and non-negativity are separable and their sum has the closed form
-    ``prox(V) = max(V - t lambda, 0)`` (soft threshold, then projection).
+
+def prox_of(nonsmooth: list[Weighted], V: sp.MatrixExpr, t: sp.Expr, step_name: str | None = None) -> sp.MatrixExpr:
+    r"""``prox_{t g}(V) = argmin_X t g(X) + ½‖X - V‖²_F`` for the sum ``g = Σ w_i h_i`` of a
+    step's non-smooth terms (every weight positive):
+
+    * no term: ``V``;
+    * one term ``w h``: ``prox_{t w h}(V)``, the term's own ``h.prox(V, t w)``;
+    * ``λ‖·‖₁ + ι_{≥0}``: ``ReLU(V - t λ 1)``, soft threshold then projection in one node;
+    * a separable convex term h with a box ``ι_{[lo, hi]}``: ``clamp(prox_{t w h}(V), lo, hi)``.
+      Coordinate by coordinate this minimises a convex function of one variable over an
+      interval, whose minimiser is the clamp of the unconstrained one;
+    * any other sum has no closed form here: the user writes one term whose prox is the sum's.
     """
-    kinds = {type(w.term) for w in nonsmooth}
+    where = f"step {step_name}" if step_name else None
     for w in nonsmooth:
-        if not (w.weight.is_positive):
-            raise UnrollError(f"the non-smooth term {w.term.label} needs a positive weight, found {w.weight}")
-    if len(nonsmooth) != len(kinds) or not kinds <= {L1, NonNegative}:
-        names = ", ".join(w.term.label for w in nonsmooth)
-        raise UnrollError(f"no proximal operator known for the sum of {names}")
-    l1 = next((w for w in nonsmooth if isinstance(w.term, L1)), None)
-    if kinds == {L1, NonNegative}:
+        if not sp.sympify(w.weight).is_positive:
+            raise UnrollError(f"the non-smooth term {w.term.label} needs a positive weight, found {w.weight}", field=where)
+    if not nonsmooth:
+        return V
+    if len(nonsmooth) == 1:
+        (w,) = nonsmooth
+        return term_prox(w.term, V, t * w.weight, where)
+    if len(nonsmooth) == 2 and {type(w.term) for w in nonsmooth} == {L1, NonNegative}:
+        # kept exactly as derived before: the bundled CRATE recipes print and check this form
+        l1 = next(w for w in nonsmooth if isinstance(w.term, L1))
         return ReLU(V - t * l1.weight * lam * sp.OneMatrix(*V.shape))
-    if kinds == {L1}:
-        return l1.term.prox(V, t * l1.weight)
-    if kinds == {NonNegative}:
-        return ReLU(V)
-    return V
+    pair = _box_with_separable(nonsmooth)
+    if pair is not None:
+        box, other = pair
+        return clamp(term_prox(other.term, V, t * other.weight, where), *box.term.bounds())
+    names = " + ".join(w.term.label for w in nonsmooth)
+    raise UnrollError(
+        f"no proximal operator known for the sum {names}: a proximal step combines non-smooth terms "
+        "only as l1 + nonnegative, or as one separable convex term with a box constraint; "
+        "write one term (smooth = False) whose prox(V, step) is the prox of the whole sum",
+        field=where,
+    )
+
+
+def _box_with_separable(nonsmooth: list[Weighted]) -> tuple[Weighted, Weighted] | None:
+    """``(box, other)`` if the two terms are a box constraint and a separable convex term."""
+    if len(nonsmooth) != 2:
+        return None
+    for box, other in (nonsmooth, nonsmooth[::-1]):
+        if box.term.bounds() is not None and other.term.separable and other.term.convex:
+            return box, other
+    return None
+
+
+def term_prox(term: Term, V: sp.MatrixExpr, step: sp.Expr, where: str | None = None) -> sp.MatrixExpr:
+    """``term.prox(V, step)``, refused with an :class:`UnrollError` naming the term unless it is a
+    well-shaped matrix expression of V's shape in symbols the step knows (V, the step's, the
+    term's constants, sizes). Errors inside a user's prox (sympy's ShapeError...) are reported
+    the same. The prox is taken at a point symbol of V's shape, then V is put in its place: the
+    checks see the prox's own algebra, not the gradient step's inside V."""
+    point = sp.MatrixSymbol("V" if "V" not in {s.name for s in V.free_symbols} else "V_point", *V.shape)
+    try:
+        out = term.prox(point, step)
+    except UnrollError:
+        raise
+    except Exception as e:  # a user's prox is the user's code: say whose it is
+        raise UnrollError(f"the prox of {term.label} failed: {type(e).__name__}: {e}", field=where) from e
+    if not isinstance(out, sp.MatrixExpr):
+        raise UnrollError(
+            f"the prox of {term.label} must return a sympy matrix expression of shape {_shape(V)}, "
+            f"found {type(out).__name__}", field=where)
+    if _shape(out) != _shape(V):
+        raise UnrollError(
+            f"the prox of {term.label} must return a matrix of V's shape {_shape(V)}, found {_shape(out)}",
+            field=where)
+    if (problem := _shape_problem(out)) is not None:
+        raise UnrollError(f"the prox of {term.label} {problem}", field=where)
+    known = {point.name, *(s.name for s in sp.sympify(step).free_symbols), *term.constants(), *SIZES}
+    unknown = sorted({s.name for s in out.free_symbols} - known)
+    if unknown:
+        raise UnrollError(
+            f"the prox of {term.label} uses {', '.join(unknown)}, which is not V, the step size or "
+            "one of the term's constants(); return each scalar it needs from constants()", field=where)
+    return out.xreplace({point: V})
+
+
+def _shape(X: sp.MatrixExpr) -> str:
+    return " x ".join(str(sp.sympify(s)) for s in X.shape)
+
+
+def _same(a: sp.Expr, b: sp.Expr) -> bool:
+    return sp.expand(sp.sympify(a) - sp.sympify(b)) == 0
+
+
+def _shape_problem(expr: sp.Basic) -> str | None:
+    """What in ``expr`` is ill-shaped, in words, or None. sympy no longer checks the shapes of
+    sums and products it builds (``V * V`` of a d x N matrix is ``V**2``)."""
+    for e in sp.preorder_traversal(expr):
+        if isinstance(e, sp.MatMul):
+            mats = [a for a in e.args if getattr(a, "is_Matrix", False)]
+            for a, b in zip(mats, mats[1:]):
+                if not _same(a.shape[1], b.shape[0]):
+                    return f"multiplies {_shape(a)} by {_shape(b)} (ShapeError)"
+        elif isinstance(e, (sp.MatPow, sp.Inverse)) and not _same(*e.args[0].shape):
+            return f"raises the non-square {_shape(e.args[0])} to a power (ShapeError)"
+        elif isinstance(e, (sp.MatAdd, sp.HadamardProduct)):
+            shapes = {_shape(a) for a in e.args if getattr(a, "is_Matrix", False)}
+            if len(shapes) > 1:
+                return f"combines entrywise the shapes {' and '.join(sorted(shapes))} (ShapeError)"
+    return None
+
+
+def _occurrences(expr: sp.Basic, part: sp.Basic) -> int:
+    return sum(1 for e in sp.preorder_traversal(expr) if e == part)
 
 
 def _derive_proximal(step: ProximalStep) -> Update:
+    _check_step_size(step)
     parts = _parts(step.on)
     smooth = [w for w in parts if w.term.smooth]
     nonsmooth = [w for w in parts if not w.term.smooth]
@@ -204,7 +335,13 @@ def _derive_proximal(step: ProximalStep) -> Update:
             bindings.extend(b for b in g.where if b not in bindings)
             params = merge_params(params, g.params)
         V = (iterate - eta * sp.MatAdd(*grads)).doit() if grads else iterate
-        new = prox_of(nonsmooth, V, eta)
+        new = prox_of(nonsmooth, V, eta, step.name)
+        if not isinstance(V, sp.MatrixSymbol) and _occurrences(new, V) > 1:
+            # a prox that reads its point several times (V ∘ ReLU(1 - c ⊘ ‖V‖)) gets it named
+            # once, so the gradient step inside is computed once
+            point = sp.MatrixSymbol("V" if step.iterations == 1 else f"V_{t}", rows, N)
+            bindings.append((point, V))
+            new = new.xreplace({V: point})
         if t < step.iterations:
             sym = sp.MatrixSymbol(f"A_{t}", rows, N)
             bindings.append((sym, new))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sympy as sp
 from sympy import Basic, MatrixExpr
 from sympy.core.symbol import Str
+from sympy.printing.precedence import PRECEDENCE
 
 
 def is_per_head(symbol: Basic) -> bool:
@@ -108,6 +109,130 @@ class SoftThreshold(_Unary):
         )
 
 
+class Sign(_Unary):
+    r"""``sign(X)`` entrywise: -1, 0 or 1 (its derivative is 0 almost everywhere)."""
+
+    def _sympystr(self, printer) -> str:
+        return f"sign({printer._print(self.arg)})"
+
+    def _latex(self, printer) -> str:
+        return r"\operatorname{sign}\left(%s\right)" % printer._print(self.arg)
+
+
+class AbsValue(_Unary):
+    r"""``|X|`` entrywise."""
+
+    def _sympystr(self, printer) -> str:
+        return f"|{printer._print(self.arg)}|"
+
+    def _latex(self, printer) -> str:
+        return r"\left|%s\right|" % printer._print(self.arg)
+
+
+class Clamp(_Unary):
+    r"""``min(max(X, lo), hi)`` entrywise, for scalars ``lo <= hi``; ``lo = -oo`` or ``hi = oo``
+    leaves that side unbounded. The projection onto the box ``[lo, hi]`` of every entry."""
+
+    def __new__(cls, arg: MatrixExpr, lo: sp.Expr = -sp.oo, hi: sp.Expr = sp.oo):
+        return Basic.__new__(cls, sp.sympify(arg), sp.sympify(lo), sp.sympify(hi))
+
+    @property
+    def lo(self) -> sp.Expr:
+        return self.args[1]
+
+    @property
+    def hi(self) -> sp.Expr:
+        return self.args[2]
+
+    def _sympystr(self, printer) -> str:
+        x, lo, hi = (printer._print(a) for a in self.args)
+        if self.hi == sp.oo:
+            return f"max({x}, {lo})"
+        if self.lo == -sp.oo:
+            return f"min({x}, {hi})"
+        return f"clamp({x}, {lo}, {hi})"
+
+    def _latex(self, printer) -> str:
+        x, lo, hi = (printer._print(a) for a in self.args)
+        if self.hi == sp.oo:
+            return r"\max\left(%s, %s\right)" % (x, lo)
+        if self.lo == -sp.oo:
+            return r"\min\left(%s, %s\right)" % (x, hi)
+        return r"\operatorname{clamp}_{[%s, %s]}\left(%s\right)" % (lo, hi, x)
+
+
+#: the floor of every :class:`Norm`: a norm below it reads as this, so that dividing by a norm
+#: stays finite where a token or group is exactly zero (raised, in a precision that cannot hold
+#: it, to the smallest normal number of that precision)
+NORM_FLOOR = 1e-12
+
+#: what a :class:`Norm` takes the l2 norm over
+NORM_KINDS = ("rows", "columns", "groups")
+
+
+class Norm(_Unary):
+    r"""The l2 norm of each row, column (token) or group of X, broadcast back to X's shape.
+
+    ``Norm(X, "columns")_{ij} = max(‖X_{:,j}‖₂, ε)``, ``Norm(X, "rows")_{ij} = max(‖X_{i,:}‖₂, ε)``,
+    ``Norm(X, "groups", g)_{ij} = max(‖X_{G(i),j}‖₂, ε)`` where ``G(i)`` is the group of g
+    consecutive rows holding row i (coordinates ``g⌊i/g⌋ ... g⌊i/g⌋ + g - 1`` of token j); g must
+    divide the rows. ε is :data:`NORM_FLOOR`, so ``X ⊘ Norm(X)`` is 0, not 0/0, at a zero token.
+    Having X's shape, the result composes with Hadamard products and :class:`Divide`.
+    """
+
+    def __new__(cls, arg: MatrixExpr, kind: str | Str = "columns", group: int | sp.Integer = 1):
+        kind = kind if isinstance(kind, Str) else Str(kind)
+        if kind.name not in NORM_KINDS:
+            raise ValueError(f"a norm is over one of {', '.join(NORM_KINDS)}, not {kind.name!r}")
+        group = sp.Integer(group if kind.name == "groups" else 1)
+        if group < 1:
+            raise ValueError(f"a group has at least one coordinate, found {group}")
+        rows = sp.sympify(sp.sympify(arg).shape[0])
+        if rows.is_Integer and rows % group:
+            raise ValueError(f"groups of {group} do not divide {rows} rows")
+        return Basic.__new__(cls, sp.sympify(arg), kind, group)
+
+    @property
+    def kind(self) -> str:
+        return self.args[1].name
+
+    @property
+    def group(self) -> int:
+        return int(self.args[2])
+
+    def _subscript(self) -> str:
+        return {"rows": "row", "columns": "col"}.get(self.kind, f"g{self.group}")
+
+    def _sympystr(self, printer) -> str:
+        return f"‖{printer._print(self.arg)}‖_{self._subscript()}"
+
+    def _latex(self, printer) -> str:
+        return r"\left\|%s\right\|_{\mathrm{%s}}" % (printer._print(self.arg), self._subscript())
+
+
+class Divide(MatrixExpr):
+    r"""``X ⊘ Y``: the entrywise quotient ``X_ij / Y_ij`` of two matrices of one shape."""
+
+    def __new__(cls, numerator: MatrixExpr, denominator: MatrixExpr):
+        # shapes are checked by `unroll.expr.vocabulary.divide`, not here: rebuilding a tree
+        # (xreplace) may put d where m was in a square-dictionary step, where both are one size
+        return Basic.__new__(cls, sp.sympify(numerator), sp.sympify(denominator))
+
+    @property
+    def shape(self):
+        return self.args[0].shape
+
+    def _eval_transpose(self):
+        return None
+
+    def _sympystr(self, printer) -> str:
+        # bracketed whole, and a sum or product in it too: ⊘ binds tighter than juxtaposition
+        return "(%s ⊘ %s)" % tuple(printer.parenthesize(a, PRECEDENCE["Pow"]) for a in self.args)
+
+    def _latex(self, printer) -> str:
+        return r"\left(%s \oslash %s\right)" % tuple(printer.parenthesize(a, PRECEDENCE["Pow"]) for a in self.args)
+
+
 class LayerNorm(_Unary):
     r"""Normalise each column (token) to zero mean and unit variance, then scale and shift:
     ``LN(X)_{:,j} = gamma * (x_j - mean(x_j)) / sqrt(var(x_j) + eps) + b``.
@@ -138,20 +263,28 @@ class LayerNorm(_Unary):
 
 
 class SmoothGrad(_Unary):
-    r"""``\nabla f(X)`` for a user term ``f`` known only as a torch function (derived by autograd)."""
+    r"""``\nabla f(X)`` for a user term ``f`` known only as a torch function (derived by autograd);
+    ``params``: the matrix symbols of the learned tensors ``f`` reads, so the block graph and the
+    lowering see them."""
 
-    def __new__(cls, arg: MatrixExpr, term: str | Str):
-        return Basic.__new__(cls, sp.sympify(arg), term if isinstance(term, Str) else Str(term))
+    def __new__(cls, arg: MatrixExpr, term: str | Str, *params: sp.MatrixSymbol):
+        return Basic.__new__(cls, sp.sympify(arg), term if isinstance(term, Str) else Str(term), *params)
 
     @property
     def term(self) -> str:
         return self.args[1].name
 
+    @property
+    def params(self) -> tuple[sp.MatrixSymbol, ...]:
+        return self.args[2:]
+
     def _sympystr(self, printer) -> str:
-        return f"∇{self.term}({printer._print(self.arg)})"
+        given = "; " + ", ".join(printer._print(q) for q in self.params) if self.params else ""
+        return f"∇{self.term}({printer._print(self.arg)}{given})"
 
     def _latex(self, printer) -> str:
-        return r"\nabla %s\left(%s\right)" % (_latex_name(self.term), printer._print(self.arg))
+        given = "; " + ", ".join(printer._print(q) for q in self.params) if self.params else ""
+        return r"\nabla %s\left(%s%s\right)" % (_latex_name(self.term), printer._print(self.arg), given)
 
 
 def _latex_name(name: str) -> str:

@@ -14,6 +14,8 @@ import sympy as sp
 
 from unroll.expr.nodes import HeadSoftmax, HeadSum, LayerNorm, ReLU, SmoothGrad, Softmax, SoftThreshold, is_per_head
 
+from unroll.expr.nodes import NORM_FLOOR, AbsValue, Clamp, Divide, Norm, Sign
+
 Array = np.ndarray
 Binding = tuple[sp.MatrixSymbol, sp.MatrixExpr]
 
@@ -144,12 +146,36 @@ class _Evaluator:
         if isinstance(e, SoftThreshold):
             x, t = self.ev(e.arg, k), self.scalar(e.threshold, k)
             return np.sign(x) * np.maximum(np.abs(x) - t, 0.0)
+        if isinstance(e, Sign):
+            return np.sign(self.ev(e.arg, k))
+        if isinstance(e, AbsValue):
+            return np.abs(self.ev(e.arg, k))
+        if isinstance(e, Clamp):
+            return np.clip(self.ev(e.arg, k), self.scalar(e.lo, k), self.scalar(e.hi, k))
+        if isinstance(e, Norm):
+            return _norms(self.ev(e.arg, k), e.kind, e.group)
+        if isinstance(e, Divide):
+            return self.ev(e.args[0], k) / self.ev(e.args[1], k)
         if isinstance(e, LayerNorm):
             x = self.ev(e.arg, k)
             mean = x.mean(axis=0, keepdims=True)
             var = x.var(axis=0, keepdims=True)
             eps = self.scalar(e.eps, k)
             return self.ev(e.weight, k) * (x - mean) / np.sqrt(var + eps) + self.ev(e.bias, k)
-        if isinstance(e, SmoothGrad):
-            return self.smooth_grads[e.term](self.ev(e.arg, k))
+        if isinstance(e, SmoothGrad):  # the term's parameters whole, per-head ones with their K
+            params = [np.asarray(self.values[q.name], dtype=np.float64) for q in e.params]
+            return self.smooth_grads[e.term](self.ev(e.arg, k), *params)
         raise NotImplementedError(f"no numerical meaning for {type(e).__name__}")
+
+
+def _norms(x: Array, kind: str, group: int) -> Array:
+    """:class:`~unroll.expr.nodes.Norm` of one matrix (rows x tokens): each entry the l2 norm of
+    its row, column or group of ``group`` consecutive rows, floored at ``NORM_FLOOR``."""
+    if kind == "columns":
+        norms = np.linalg.norm(x, axis=0, keepdims=True)
+    elif kind == "rows":
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+    else:
+        blocks = x.reshape(x.shape[0] // group, group, x.shape[1])
+        norms = np.repeat(np.linalg.norm(blocks, axis=1), group, axis=0)
+    return np.broadcast_to(np.maximum(norms, NORM_FLOOR), x.shape).copy()

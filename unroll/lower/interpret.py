@@ -14,9 +14,15 @@ import sympy as sp
 import torch
 import torch.nn.functional as F
 
+from unroll.expr.symbols import Z, size_value  # noqa: F401  (size_value: re-exported for the lowerings)
 from unroll.expr.nodes import HeadSoftmax, HeadSum, LayerNorm, ReLU, SmoothGrad, Softmax, SoftThreshold, is_per_head
+from unroll.expr.nodes import NORM_FLOOR, AbsValue, Clamp, Divide, Norm, Sign
 
-Env = dict  # symbol name -> tensor, plus "__sizes__" -> {size symbol name: int}
+Env = dict  # symbol name -> value, plus the entries below
+#: the keys of an env that are not symbols (dunder names, which no symbol can take)
+SIZES = "__sizes__"  # size symbol name (d, N, ...) -> int
+RAW = "__raw__"  # parameter symbol name -> the tensor as stored, not reshaped to 4-D
+CACHE = "__cache__"  # the step's cache of weight-only factors (see unroll.lower.optimize)
 Fn = Callable[[Env], torch.Tensor]
 
 
@@ -39,7 +45,7 @@ class Lowering:
             return lambda env: value
         if isinstance(e, sp.Symbol):
             name = e.name
-            return lambda env: env[name] if name in env else env["__sizes__"][name]
+            return lambda env: env[name] if name in env else env[SIZES][name]
         if isinstance(e, sp.Add):
             parts = [self.scalar(a) for a in e.args]
             return lambda env: _sum(f(env) for f in parts)
@@ -104,14 +110,14 @@ class Lowering:
         rows, cols = (self.scalar(sp.sympify(s)) for s in shape)
 
         def make(env):
-            ref = env["Z"]
+            ref = env[Z.name]
             return fill((1, 1, int(rows(env)), int(cols(env))), dtype=ref.dtype, device=ref.device)
 
         return make
 
     def _Identity(self, e):
         n = self.scalar(sp.sympify(e.shape[0]))
-        return lambda env: torch.eye(int(n(env)), dtype=env["Z"].dtype, device=env["Z"].device)[None, None]
+        return lambda env: torch.eye(int(n(env)), dtype=env[Z.name].dtype, device=env[Z.name].device)[None, None]
 
     def _OneMatrix(self, e):
         return self._constant_matrix(e, torch.ones)
@@ -170,13 +176,63 @@ class Lowering:
 
         return soft
 
+    # the prox vocabulary (unroll.expr.vocabulary): entrywise maps are layout-free; a norm's
+    # axis swaps with the layout (a token is a column, or a row when transposed)
+    def _Sign(self, e: Sign):
+        inner = self.matrix(e.arg)
+        return lambda env: torch.sign(inner(env))
+
+    def _AbsValue(self, e: AbsValue):
+        inner = self.matrix(e.arg)
+        return lambda env: inner(env).abs()
+
+    def _Clamp(self, e: Clamp):
+        inner = self.matrix(e.arg)
+        lo = None if e.lo == -sp.oo else self.scalar(e.lo)
+        hi = None if e.hi == sp.oo else self.scalar(e.hi)
+
+        def clamp(env):
+            x = inner(env)
+            if lo is not None:
+                x = _bound(x, lo(env), torch.clamp_min, torch.maximum)
+            if hi is not None:
+                x = _bound(x, hi(env), torch.clamp_max, torch.minimum)
+            return x
+
+        return clamp
+
+    def _Norm(self, e: Norm):
+        inner, kind, group = self.matrix(e.arg), e.kind, e.group
+        # the axis of the coordinates of a token (its rows) and of the tokens (its columns)
+        coords, tokens = (-1, -2) if self.transposed else (-2, -1)
+
+        def norms(env):
+            x = inner(env)
+            if kind == "groups":
+                if x.shape[coords] % group:
+                    raise ValueError(f"groups of {group} do not divide {x.shape[coords]} coordinates")
+                # (.., d/g, g, N) or (.., N, d/g, g): the axis within a group is still `coords`
+                blocks = x.unflatten(coords, (x.shape[coords] // group, group))
+                n = torch.linalg.vector_norm(blocks, dim=coords, keepdim=True)
+                n = n.expand_as(blocks).flatten(coords - 1, coords)
+            else:
+                n = torch.linalg.vector_norm(x, dim=coords if kind == "columns" else tokens, keepdim=True)
+            # vector_norm's gradient at 0 is 0 and the floor's is 0 below it: X ⊘ ‖X‖ stays finite
+            return n.clamp_min(norm_floor(x.dtype)).expand_as(x)
+
+        return norms
+
+    def _Divide(self, e: Divide):
+        num, den = self.matrix(e.args[0]), self.matrix(e.args[1])
+        return lambda env: num(env) / den(env)
+
     def _LayerNorm(self, e: LayerNorm):
         inner, eps = self.matrix(e.arg), float(e.eps)
         w, b = e.weight.name, e.bias.name
 
         def norm(env):
             x = inner(env)
-            raw = env["__raw__"]
+            raw = env[RAW]
             if self.transposed:  # tokens are rows already
                 return F.layer_norm(x, (x.shape[-1],), raw[w], raw[b], eps)
             return F.layer_norm(x.mT, (x.shape[-2],), raw[w], raw[b], eps).mT
@@ -185,22 +241,16 @@ class Lowering:
 
     def _SmoothGrad(self, e: SmoothGrad):
         inner, grad = self.matrix(e.arg), self.smooth_grads[e.term]
+        params = [q.name for q in e.params]
 
         def smooth_grad(env):
             x = inner(env)
             rows = x if self.transposed else x.mT  # the user's function takes tokens as rows
-            g = grad(rows.flatten(0, 1)).unflatten(0, rows.shape[:2])
+            raw = env[RAW]  # the term's parameters as stored: (K, rows, cols) per head
+            g = grad(rows.flatten(0, 1), *(raw[name] for name in params)).unflatten(0, rows.shape[:2])
             return g if self.transposed else g.mT
 
         return smooth_grad
-
-
-def size_value(expr: sp.Expr, sizes: dict[str, int]) -> int:
-    """The integer a size expression (``d``, ``K p``, ``m``) takes for the given sizes."""
-    value = sp.sympify(expr).xreplace({sp.Symbol(k, positive=True, integer=True): sp.Integer(v) for k, v in sizes.items()})
-    if not value.is_Integer:
-        raise ValueError(f"the size {expr} is not fixed by {sorted(sizes)}")
-    return int(value)
 
 
 def matmul4(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -218,6 +268,19 @@ def matmul4(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if a1 == 1:
             return torch.einsum("brc,kcn->bkrn", a[:, 0], b[0])
     return a @ b
+
+
+def norm_floor(dtype: torch.dtype) -> float:
+    """``NORM_FLOOR``, or the smallest normal number of a precision too low to hold it (half)."""
+    return max(NORM_FLOOR, torch.finfo(dtype).tiny)
+
+
+def _bound(x: torch.Tensor, c, by_number, by_tensor) -> torch.Tensor:
+    """``max(x, c)`` or ``min(x, c)`` for a number or a 0-dim tensor c (a constant's buffer, or
+    a learned parameter, whose gradient the tensor form keeps)."""
+    if isinstance(c, torch.Tensor):
+        return by_tensor(x, c.to(x.dtype))
+    return by_number(x, c)
 
 
 def _sum(items):

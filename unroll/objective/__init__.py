@@ -5,23 +5,32 @@
 """
 
 from unroll.objective.base import Objective, ParamSpec, Term, Weighted
+from unroll.objective.box import Box
 from unroll.objective.coding_rate import CodingRate
 from unroll.objective.compression import Compression
-from unroll.objective.custom import Custom
+from unroll.objective.custom import Custom, Param
 from unroll.objective.denoising import DenoisingScore
+from unroll.objective.elastic_net import ElasticNet
+from unroll.objective.group_sparsity import GroupSparsity
 from unroll.objective.lasso import Lasso
 from unroll.objective.sparsity import L1, NonNegative
+from unroll.objective.unit_norm import UnitNorm
 
 __all__ = [
+    "Box",
     "CodingRate",
     "Compression",
     "Custom",
     "DenoisingScore",
+    "ElasticNet",
+    "GroupSparsity",
     "L1",
     "Lasso",
     "NonNegative",
     "Objective",
+    "Param",
     "ParamSpec",
     "Term",
+    "UnitNorm",
     "Weighted",
 ]

@@ -8,6 +8,7 @@ Objectives are *minimised*; write ``-R`` to maximise the coding rate.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -27,6 +28,18 @@ def logdet_spd(A: torch.Tensor) -> torch.Tensor:
     return torch.where(info == 0, chol, torch.linalg.slogdet(A)[1])
 
 
+def logdet_gram(X: torch.Tensor, a: float) -> torch.Tensor:
+    r"""``log det(I_N + a XᵀX)`` for ``X`` of shape (..., r, N), on the smaller side.
+
+    Sylvester's determinant identity, ``det(I_N + a XᵀX) = det(I_r + a X Xᵀ)`` (the two products
+    have the same nonzero eigenvalues), lets the determinant be taken of an r x r matrix when
+    there are more tokens than rows: O(N r²) instead of O(N³) for long sequences."""
+    r, n = X.shape[-2], X.shape[-1]
+    gram = X @ X.mT if r < n else X.mT @ X
+    eye = torch.eye(gram.shape[-1], dtype=X.dtype, device=X.device)
+    return logdet_spd(eye + a * gram)
+
+
 @dataclass(frozen=True)
 class ParamSpec:
     """A learnable matrix a term (or a relaxation) needs; ``name`` is its symbol's name.
@@ -42,6 +55,8 @@ class ParamSpec:
     cols: sp.Expr
     init: tuple = ("uniform", None)
     note: str = ""
+    #: stored as (rows,); by default, when ``cols`` is the literal 1
+    vector: bool | None = None
 
     @property
     def symbol(self) -> sp.MatrixSymbol:
@@ -51,7 +66,7 @@ class ParamSpec:
     def is_vector(self) -> bool:
         """Declared as a column (``cols`` is the literal 1), as opposed to a matrix whose
         column count happens to evaluate to 1 (a head dimension p = 1)."""
-        return self.cols == 1
+        return self.cols == 1 if self.vector is None else self.vector
 
     @property
     def per_head(self) -> bool:
@@ -80,6 +95,29 @@ class Term:
     smooth: bool = True
     #: terms like the LASSO data fit act on a latent code A rather than on Z itself
     codes: bool = False
+    #: a sum of coordinate-wise functions, ``g(Z) = Σ_ij g_ij(Z_ij)`` (the l1 norm, a box)
+    separable: bool = False
+    #: convex in Z; with ``separable`` this lets a proximal step combine it with a box constraint
+    convex: bool = True
+    #: ``unroll measure`` reports the term's value after each step on it (an indicator, 0 on
+    #: every output of its own prox, says nothing there)
+    measured: bool = True
+
+    def __post_init__(self) -> None:
+        """A term made in Python is held to the bounds its fields declare, as a recipe is."""
+        from unroll.fields import check_fields  # late: pydantic is not needed to define a term
+
+        check_fields(self, f"term {self.label}")
+
+    def check(self, sizes: dict[str, int]) -> None:
+        """Refuse the network's sizes (``d``, ``K``, ``p``, ``m``) if this term cannot work with
+        them, with an :class:`~unroll.errors.UnrollError` that says why (a group size that does
+        not divide the width). Called once per network, before anything is lowered."""
+
+    def bounds(self) -> tuple[sp.Expr, sp.Expr] | None:
+        """``(lo, hi)`` if this term is the indicator of the box ``lo <= Z_ij <= hi`` (``∓oo``:
+        unbounded), else None. A proximal step clamps a separable convex term's prox to it."""
+        return None
 
     def latex(self) -> str:  # pragma: no cover - every term overrides it
         raise NotImplementedError
@@ -91,6 +129,8 @@ class Term:
         raise TypeError(f"{self.label} is not smooth: it has a proximal operator, not a gradient")
 
     def prox(self, V: sp.MatrixExpr, step: sp.Expr) -> sp.MatrixExpr:
+        r"""``prox_{step g}(V) = argmin_X step g(X) + ½‖X - V‖²_F`` for a non-smooth term g: a
+        sympy matrix expression of V's shape, written in :mod:`unroll.expr.vocabulary`."""
         raise TypeError(f"{self.label} is smooth: take a gradient step on it")
 
     def _as_objective(self) -> Objective:
@@ -145,8 +185,14 @@ class Objective:
         return self * -1
 
     def __mul__(self, scalar) -> Objective:
-        if not isinstance(scalar, (int, float, sp.Expr)):
-            return NotImplemented
+        if isinstance(scalar, bool) or not isinstance(scalar, (int, float, sp.Expr)):
+            from unroll.errors import UnrollError
+
+            raise UnrollError(f"a term's weight must be a number, found {type(scalar).__name__}")
+        if isinstance(scalar, float) and not math.isfinite(scalar):
+            from unroll.errors import UnrollError
+
+            raise UnrollError(f"a term's weight must be a finite number, found {scalar}")
         s = sp.nsimplify(scalar) if isinstance(scalar, float) else sp.sympify(scalar)
         return Objective(tuple(Weighted(s * w.weight, w.term) for w in self.parts))
 
@@ -155,6 +201,10 @@ class Objective:
     @property
     def terms(self) -> tuple[Term, ...]:
         return tuple(w.term for w in self.parts)
+
+    def text(self) -> str:
+        """``R^c - R + 1/10 f``: each term's label with its weight and sign."""
+        return objective_text(self.parts)
 
     def latex(self) -> str:
         out = ""
@@ -167,3 +217,17 @@ class Objective:
     def value(self, Z: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-sample value, ``Z`` of shape (B, d, N)."""
         return sum(float(w.weight) * w.term.value(Z, params) for w in self.parts)
+
+
+def objective_text(parts: tuple[Weighted, ...] | list[Weighted]) -> str:
+    """``R^c - R + 1/10 f``: the weighted labels, a negative weight as a minus sign."""
+    out = ""
+    for i, w in enumerate(parts):
+        weight = sp.sympify(w.weight)
+        sign, size = ("-", -weight) if weight.could_extract_minus_sign() else ("+", weight)
+        factor = "" if size == 1 else f"{size} "
+        if i == 0:
+            out = ("-" if sign == "-" else "") + factor + w.term.label
+        else:
+            out += f" {sign} {factor}{w.term.label}"
+    return out

@@ -28,18 +28,23 @@ class L1(Term):
     lam: Annotated[float, Field(ge=0)] = 0.1
     label: ClassVar[str] = "l1"
     smooth: ClassVar[bool] = False
+    separable: ClassVar[bool] = True
 
     def latex(self) -> str:
         return r"\lambda \|Z\|_1"
 
     def constants(self) -> dict[str, float]:
-        return {"lambda": self.lam}
+        return {lam.name: self.lam}
 
     def prox(self, V: sp.MatrixExpr, step: sp.Expr) -> sp.MatrixExpr:
         return SoftThreshold(V, step * lam)
 
+    def threshold(self, values: dict) -> float:
+        """λ as the step uses it: learned (``values[lambda]``) or as given."""
+        return float(values.get(lam.name, self.lam))
+
     def value(self, Z: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.lam * Z.abs().flatten(1).sum(-1)
+        return self.threshold(params) * Z.abs().flatten(1).sum(-1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,6 +53,12 @@ class NonNegative(Term):
 
     label: ClassVar[str] = "nonneg"
     smooth: ClassVar[bool] = False
+    #: 0 at every output of its prox: the fraction of zeros says more
+    measured: ClassVar[bool] = False
+    separable: ClassVar[bool] = True
+
+    def bounds(self) -> tuple[sp.Expr, sp.Expr]:
+        return sp.Integer(0), sp.oo
 
     def latex(self) -> str:
         return r"\iota_{\geq 0}(Z)"

@@ -7,6 +7,7 @@ can name exactly what the Python API can build, with the same argument names.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
 import math
 import re
 from typing import Annotated, Any, Literal
@@ -15,10 +16,11 @@ import sympy as sp
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
 
-from unroll.derive.inverse import invert_layer
+from unroll.derive.inverse import invert_groups, invert_layer
 from unroll.derive.steps import GradientStep, ProximalStep, SynthesisStep, step_name_problem
-from unroll.network import ClassifierHead, MaskedAutoencoder, Network, PatchFrontend
+from unroll.network import ClassifierHead, Group, MaskedAutoencoder, Network, PatchFrontend
 from unroll.objective import CodingRate, Compression, DenoisingScore, L1, Lasso, NonNegative, Objective, Weighted
+from unroll.objective import Box, ElasticNet, GroupSparsity, UnitNorm
 from unroll.errors import excerpt
 from unroll.relax.rules import RELAXATIONS
 
@@ -29,6 +31,10 @@ TERMS: dict[str, type] = {
     "l1": L1,
     "nonnegative": NonNegative,
     "lasso": Lasso,
+    "elastic_net": ElasticNet,
+    "group_sparsity": GroupSparsity,
+    "box": Box,
+    "unit_norm": UnitNorm,
 }
 
 
@@ -43,6 +49,7 @@ MAX_TOKENS = 65_536
 MAX_CHANNELS = 64
 MAX_CLASSES = 1 << 18
 MAX_STEPS = 32  # steps per layer
+MAX_GROUPS = 32  # groups of different layers
 MAX_ITERATIONS = 64  # proximal iterations per step
 MAX_LAYER_ITERATIONS = 64  # iterations of all the steps of one layer (a gradient step counts 1)
 #: depth x iterations per layer, encoder and decoder together: every unrolled step is lowered,
@@ -69,7 +76,8 @@ class Architecture(_Strict):
     width: int = Field(ge=1, le=MAX_WIDTH)
     heads: int = Field(ge=1, le=MAX_HEADS)
     head_dim: int | None = Field(None, ge=1, le=MAX_WIDTH, validate_default=True)
-    depth: int = Field(ge=1, le=MAX_DEPTH)
+    #: with ``layer``: how often it repeats; with ``layers`` the depth is the sum of the repeats
+    depth: int | None = Field(None, ge=1, le=MAX_DEPTH)
     tie_layers: bool = False
     image_size: int = Field(224, ge=1, le=MAX_IMAGE_SIZE)
     patch_size: int = Field(16, ge=1, le=MAX_IMAGE_SIZE)
@@ -218,12 +226,34 @@ class StepSpec(_Strict):
         return getattr(self, self.kind)
 
 
+def _unique_names(steps: list[StepSpec], field: str) -> list[StepSpec]:
+    names = [step.name for step in steps]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{field}: step names must be unique, found {', '.join(names)}")
+    return steps
+
+
+class GroupSpec(_Strict):
+    """``repeat`` layers of ``steps``; ``tie``: the repeats share one set of parameters."""
+
+    steps: list[StepSpec] = Field(min_length=1, max_length=MAX_STEPS)
+    repeat: int = Field(1, ge=1, le=MAX_DEPTH)
+    tie: bool = False
+
+    @field_validator("steps")
+    @classmethod
+    def _unique(cls, steps: list[StepSpec]) -> list[StepSpec]:
+        return _unique_names(steps, "steps")
+
+
 class Decoder(_Strict):
-    """Masked autoencoding (CRATE-MAE): ``layer: invert`` runs the encoder layer backwards
-    (each step undone, in reverse order), or give the decoder's steps like ``layer``."""
+    """Masked autoencoding (CRATE-MAE): ``layer: invert`` runs the encoder layers backwards
+    (each step undone, in reverse order; several groups are undone in reverse order too), or give
+    the decoder's steps like ``layer``. ``depth``: the decoder's layers; with ``invert`` it
+    defaults to the encoder's."""
 
     layer: Literal["invert"] | list[StepSpec] = "invert"
-    depth: int = Field(ge=1, le=MAX_DEPTH)
+    depth: int | None = Field(None, ge=1, le=MAX_DEPTH)
     mask_ratio: float = Field(0.75, ge=0, lt=1)
     norm_pix_loss: bool = False
     norm_eps: Positive = 1e-6
@@ -259,7 +289,10 @@ class Recipe(_Strict):
     description: str = Field("", max_length=10_000)
     architecture: Architecture
     objective: dict[str, dict[str, Any]]
-    layer: list[StepSpec] = Field(min_length=1, max_length=MAX_STEPS)
+    #: one layer, repeated ``architecture.depth`` times ...
+    layer: list[StepSpec] | None = Field(None, min_length=1, max_length=MAX_STEPS)
+    #: ... or groups of different layers, one after the other
+    layers: list[GroupSpec] | None = Field(None, min_length=1, max_length=MAX_GROUPS)
     decoder: Decoder | None = None
     training: Training = Field(default_factory=Training)
 
@@ -299,15 +332,58 @@ class Recipe(_Strict):
         return out
 
     @model_validator(mode="after")
+    def _one_layout(self):
+        a = self.architecture
+        if (self.layer is None) == (self.layers is None):
+            raise ValueError("give either layer (the steps of one layer, repeated architecture.depth times) or "
+                             "layers (a list of {steps, repeat, tie}), " + ("not both" if self.layer else "found neither"))
+        if self.layer is not None and a.depth is None:
+            raise ValueError("architecture.depth: required with layer (how often the layer repeats)")
+        if self.layers is not None:
+            total = sum(g.repeat for g in self.layers)
+            if a.depth is not None:
+                raise ValueError(f"architecture.depth: with layers the depth is the sum of the repeats ({total}); "
+                                 "remove depth")
+            if a.tie_layers:
+                raise ValueError("architecture.tie_layers: with layers, give each group its own tie")
+            if total > MAX_DEPTH:
+                raise ValueError(f"layers: {total} layers in all; at most {MAX_DEPTH}")
+        task = self.decoder
+        if task is not None:
+            if task.layer != "invert" and task.depth is None:
+                raise ValueError("decoder.depth: required with the decoder's own steps")
+            if task.layer == "invert" and self.layers is not None and len(self.layers) > 1 and task.depth is not None \
+                    and task.depth != self.encoder_depth:
+                raise ValueError(f"decoder.depth: inverting {len(self.layers)} groups of layers gives "
+                                 f"{self.encoder_depth} layers (each group undone as often as it repeats), found "
+                                 f"{task.depth}; remove decoder.depth")
+        return self
+
+    @property
+    def groups(self) -> list[tuple[list[StepSpec], int, bool]]:
+        """(steps, repeat, tie) of each group of layers."""
+        if self.layers is None:
+            return [(self.layer, self.architecture.depth, self.architecture.tie_layers)]
+        return [(g.steps, g.repeat, g.tie) for g in self.layers]
+
+    @property
+    def encoder_depth(self) -> int:
+        return sum(repeat for _, repeat, _ in self.groups)
+
+    @model_validator(mode="after")
     def _unrolled_size(self):
-        per_layer = sum(step.iterations for step in self.layer)
-        if per_layer > MAX_LAYER_ITERATIONS:
-            raise ValueError(f"layer: {per_layer} iterations in one layer (a gradient step counts 1); "
-                             f"at most {MAX_LAYER_ITERATIONS}")
-        unrolled = self.architecture.depth * per_layer
+        for steps, _, _ in self.groups:
+            per_layer = sum(step.iterations for step in steps)
+            if per_layer > MAX_LAYER_ITERATIONS:
+                raise ValueError(f"layer: {per_layer} iterations in one layer (a gradient step counts 1); "
+                                 f"at most {MAX_LAYER_ITERATIONS}")
+        unrolled = sum(repeat * sum(step.iterations for step in steps) for steps, repeat, _ in self.groups)
         if self.decoder is not None:
-            steps = self.layer if self.decoder.layer == "invert" else self.decoder.layer
-            unrolled += self.decoder.depth * sum(step.iterations for step in steps)
+            if self.decoder.layer == "invert":
+                depth = self.decoder.depth or self.encoder_depth
+                unrolled += depth * max(sum(step.iterations for step in steps) for steps, _, _ in self.groups)
+            else:
+                unrolled += self.decoder.depth * sum(step.iterations for step in self.decoder.layer)
         if unrolled > MAX_UNROLLED:
             raise ValueError(f"{unrolled:,} unrolled steps (depth x iterations per layer, decoder included); "
                              f"at most {MAX_UNROLLED}")
@@ -316,11 +392,9 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _steps_name_terms(self):
         decoder_steps = self.decoder.layer if self.decoder and self.decoder.layer != "invert" else []
-        for field, steps in (("layer", self.layer), ("decoder.layer", decoder_steps)):
-            names = [step.name for step in steps]
-            if len(set(names)) != len(names):
-                raise ValueError(f"{field}: step names must be unique, found {', '.join(names)}")
-        for step in [*self.layer, *decoder_steps]:
+        _unique_names(self.layer or [], "layer")
+        _unique_names(decoder_steps, "decoder.layer")
+        for step in [*(s for steps, _, _ in self.groups for s in steps), *decoder_steps]:
             unknown = [t for t in step.terms if t not in self.objective]
             if unknown:
                 raise ValueError(
@@ -355,19 +429,25 @@ def _steps(recipe: Recipe, specs: list[StepSpec]) -> tuple:
 
 def to_network(recipe: Recipe) -> Network:
     a = recipe.architecture
-    layer = _steps(recipe, recipe.layer)
+    groups = tuple(Group(_steps(recipe, steps), repeat, tie) for steps, repeat, tie in recipe.groups)
     decoder = None
     if recipe.decoder is not None:
         r = recipe.decoder
-        steps = invert_layer(layer) if r.layer == "invert" else _steps(recipe, r.layer)
-        decoder = MaskedAutoencoder(steps, r.depth, r.mask_ratio, r.norm_pix_loss, r.norm_eps)
+        if r.layer != "invert":
+            decoder = MaskedAutoencoder(_steps(recipe, r.layer), r.depth, tie=a.tie_layers)
+        elif len(groups) == 1:  # one layer undone, as often as the decoder's depth says
+            decoder = MaskedAutoencoder(invert_layer(groups[0].layer), r.depth or groups[0].repeat, tie=groups[0].tie)
+        else:
+            decoder = MaskedAutoencoder(layers=invert_groups(groups))
+        decoder = replace(decoder, mask_ratio=r.mask_ratio, norm_pix_loss=r.norm_pix_loss, norm_eps=r.norm_eps)
+    # one group is written as `layer` and `depth` (and reads back as network.layer, network.depth)
+    layout = dict(layers=groups) if recipe.layer is None else dict(
+        layer=groups[0].layer, depth=a.depth, tie_layers=a.tie_layers)
     return Network(
-        layer=layer,
+        **layout,
         width=a.width,
         heads=a.heads,
-        depth=a.depth,
         head_dim=a.head_dim,
-        tie_layers=a.tie_layers,
         frontend=PatchFrontend(a.image_size, a.patch_size, a.channels, a.patch_norm, a.norm_eps, a.cls_token, a.positions, a.embedding),
         head=ClassifierHead(a.classes, a.pool, a.head_norm_eps),
         name=recipe.name,
