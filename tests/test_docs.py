@@ -44,4 +44,4 @@ def test_cli_blocks_run(doc, tmp_path):
         if args[0] == "explain":
             assert "Z⁺ = " in result.stdout and "computed:" in result.stdout
         if args[:2] == ["explain", "recipes/crate_base.yaml"]:
-            assert "ReLU(Y - η λ 1 - η Dᵀ (-Y + D Y))" in result.stdout
+            assert "ReLU(Y - η λ 1 - η Dᵀ (D Y - Y))" in result.stdout

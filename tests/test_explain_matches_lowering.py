@@ -68,14 +68,14 @@ def test_printed_update_is_computed(variant):
     layer = model.layer(0)
     Z = torch.randn(3, 12, 7, dtype=torch.float64)
     printed = Z.numpy()
-    for d in model.derived:
+    for d in model.plan.encoder.groups[0].steps:
         step = layer.steps[d.final.name]
         printed = np.stack([evaluate_printed(d.final, step, z) for z in printed])
     with torch.no_grad():
         lowered = layer(Z).numpy()
     assert np.abs(printed - lowered).max() < 1e-10 * max(1.0, np.abs(lowered).max())
     text = explain(small(VARIANTS[variant]))
-    for d in model.derived:  # the expression checked above is the one explain prints
+    for d in model.plan.encoder.groups[0].steps:  # the expression checked above is the one explain prints
         assert "Z⁺ = " + to_text(d.final.out) in text
 
 
@@ -84,7 +84,7 @@ def test_explain_names_every_relaxation_and_the_exact_step():
     assert "(β W_kᵀ W_k + I)⁻¹" in text  # the exact gradient of R^c, with its inverse
     for name in ("neumann", "complete_subspaces", "softmax", "untie_output", "residual", "pre_norm"):
         assert f"relaxation {name}:" in text
-    assert "ReLU(Y - η λ 1 - η Dᵀ (-Y + D Y))" in text  # the ISTA step as the reference computes it
+    assert "ReLU(Y - η λ 1 - η Dᵀ (D Y - Y))" in text  # the ISTA step as the reference computes it
 
 
 def test_softmax_normalises_each_column_of_the_gram_matrix():

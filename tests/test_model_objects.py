@@ -147,7 +147,7 @@ def test_a_part_of_a_model_does_not_pickle_on_its_own():
 def test_repr_shows_each_step_its_update_and_its_parameters(kind):
     model = built(kind)
     text = repr(model)
-    derived = model.derived + getattr(model, "decoder_derived", [])
+    derived = [d for _, stack in model.plan.stacks() for d in stack.steps()]
     for d in derived:
         update = "Z⁺ = " + to_text(d.final.out)
         assert f"name={d.exact.name}: {d.final.title}" in text

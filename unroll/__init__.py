@@ -10,7 +10,8 @@ from unroll.api import as_network, build
 from unroll.derive import GradientStep, ProximalStep, SynthesisStep, invert_layer
 from unroll.errors import UnrollError
 from unroll.explain import explain
-from unroll.network import ClassifierHead, MaskedAutoencoder, Network, PatchFrontend
+from unroll.network import ClassifierHead, Group, MaskedAutoencoder, Network, PatchFrontend
+from unroll.plan import Plan, plan
 from unroll.recipe import load_recipe
 
 try:
@@ -22,9 +23,11 @@ __all__ = [
     "__version__",
     "ClassifierHead",
     "GradientStep",
+    "Group",
     "MaskedAutoencoder",
     "Network",
     "PatchFrontend",
+    "Plan",
     "ProximalStep",
     "SynthesisStep",
     "UnrollError",
@@ -33,4 +36,5 @@ __all__ = [
     "explain",
     "invert_layer",
     "load_recipe",
+    "plan",
 ]

@@ -12,41 +12,46 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unroll.files import bytes_writer, png_bytes, write_files
-from unroll.derive.update import used_names
 from unroll.errors import UnrollError
 from unroll.expr.nodes import Softmax
+from unroll.files import bytes_writer, png_bytes, write_files
 from unroll.images import read_image
-from unroll.lower.interpret import Lowering
+from unroll.plan import DerivedStep
 
 
-def _similarity_step(model):
-    for derived in model.derived:
-        found = list(derived.final.out.atoms(Softmax)) + [
-            a for _, e in derived.final.where if getattr(e, "is_Matrix", False) for a in e.atoms(Softmax)]
+def _similarity(steps: tuple[DerivedStep, ...]) -> tuple[DerivedStep, Softmax] | None:
+    """The first step whose computed update compares tokens through a softmax, and that softmax."""
+    for derived in steps:
+        u = derived.final
+        found = list(u.out.atoms(Softmax)) + [
+            a for _, e in u.where if getattr(e, "is_Matrix", False) for a in e.atoms(Softmax)]
         if found:
             return derived, found[0]
-    raise UnrollError("this recipe's layer has no softmax similarity (attention) to look at")
+    return None
 
 
 def cls_attention(model, images: torch.Tensor, layer: int) -> torch.Tensor:
     """(B, K, L): for each head, the attention weights of the cls token over the L patches
-    in the compression step of ``layer``, counted from 1 like ``unroll attention --layer``."""
+    in the compression step of ``layer``, counted from 1 across groups like ``unroll attention --layer``."""
     if not model.network.frontend.cls_token:
         raise UnrollError("the attention of the cls token needs a recipe with cls_token: true")
-    depth = model.encoder.depth
-    if not 1 <= layer <= depth:
-        raise UnrollError(f"--layer must be between 1 and {depth}, found {layer}")
-    index = layer - 1
-    derived, softmax = _similarity_step(model)
-    step = model.layer(index).steps[derived.exact.name]
+    layers = model.plan.encoder.layers
+    if not 1 <= layer <= len(layers):
+        raise UnrollError(f"--layer must be between 1 and {len(layers)}, found {layer}")
+    planned = layers[layer - 1]
+    found = _similarity(planned.steps)
+    if found is None:
+        having = [str(x.number) for x in layers if _similarity(x.steps) is not None]
+        hint = f"; layers with one: {', '.join(having)}" if having else ""
+        raise UnrollError(f"layer {layer} has no softmax similarity (attention) to look at{hint}")
+    derived, softmax = found
+    step = model.encoder.layers[planned.module].steps[derived.name]
+    # a tied module runs once per layer of its group: take its call for this layer
+    call = sum(1 for x in layers[: layer - 1] if x.module == planned.module)
     captured: list[torch.Tensor] = []
-    calls = [0]
 
     def hook(module, args):
-        if calls[0] == index or len(model.encoder.layers) > 1:
-            captured.append(args[0])
-        calls[0] += 1
+        captured.append(args[0])
 
     handle = step.register_forward_pre_hook(hook)
     try:
@@ -54,16 +59,9 @@ def cls_attention(model, images: torch.Tensor, layer: int) -> torch.Tensor:
             model(images)
     finally:
         handle.remove()
-    Z = captured[0].mT if step.rows else captured[0]  # (B, d, N), tokens as columns
-    bound = {s.name: e for s, e in derived.final.where}
-    lowering = Lowering({t.name: t.row_grad() for t in derived.final.smooth_terms})
+    Z = captured[call].mT if step.rows else captured[call]  # (B, d, N), tokens as columns
     with torch.no_grad():
-        env = step._env(Z, rows=False)
-        used = used_names(softmax, bound)
-        for s, e in derived.final.where:
-            if s.name in used:
-                env[s.name] = lowering.matrix(e)(env)
-        similarity = lowering.matrix(softmax)(env)  # (B, K, N, N): column j is token j's weights
+        similarity = step.evaluate(softmax, Z)  # (B, K, N, N): column j is token j's weights
     return similarity[:, :, 1:, 0]
 
 

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from unroll.errors import UnrollError, excerpt, located
+from unroll.errors import UnrollError, excerpt, located, note
 
 #: plain help and usage text: rich markup would swallow the `[default: ...]` brackets
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
@@ -92,19 +92,21 @@ def build(
     from unroll.files import output_folder, text_writer, write_files
     from unroll.lower.model import lower_network
     from unroll.recipe import recipe_yaml
-    from unroll.summary import flops_per_sample, parameter_count, step_rows
+    from unroll.summary import flops_per_sample, layout, parameter_count, step_rows
 
     start = time.perf_counter()
     resolved, network = _within_budget(recipe, set or [], max_memory, optimize=optimize)
     folder = output_folder(out or Path("build") / resolved.name)  # a bad --out fails before the work
     with located(str(recipe)):
         model = lower_network(network, optimize)
-    table = Table(title=f"{resolved.name}: one layer, repeated {model.network.depth} times", show_lines=True)
+    table = Table(title=f"{resolved.name}: {layout(model.plan)}", show_lines=True)
     for column in ("step", "derived as", "computes"):
         table.add_column(column)
-    for row in step_rows(model):
+    for row in step_rows(model.plan):
         table.add_row(*row)
     console.print(table)
+    for step, unused in model.plan.unused():
+        note(f"step {step}: {unused.describe()}")
     console.print(f"parameters: {parameter_count(model):,}")
     console.print(f"FLOPs per sample (forward): {flops_per_sample(model) / 1e9:,.2f} GFLOP")
     if compile:
@@ -263,7 +265,7 @@ def measure(
 ) -> None:
     """Per layer, the objective each layer was derived from: R^c, sparsity, R, sparse rate reduction."""
     from unroll.files import output_folder
-    from unroll.measure import measure as measure_layers, write
+    from unroll.measure import columns, measure as measure_layers, write
     from unroll.train import data as datasets
 
     resolved, model = _built(recipe, checkpoint, set or [], max_memory, batch=samples, measuring=True)  # one forward of all
@@ -273,10 +275,12 @@ def measure(
         _, held_out = datasets.split(datasets.load(data or resolved.training.data, a.image_size, a.channels))
     rows = measure_layers(model, held_out.images[:samples])
     table = Table(title=f"{resolved.name}: the objective, layer by layer ({min(samples, len(held_out))} held-out images)")
-    for key in rows[0]:
+    fields = columns(rows)
+    for key in fields:
         table.add_column(key, justify="right")
     for row in rows:
-        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
+        values = (row.get(key, "") for key in fields)
+        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in values))
     console.print(table)
     csv_path, png_path = write(rows, folder, resolved.name)
     print(f"wrote {csv_path} and {png_path}")
@@ -300,7 +304,7 @@ def attention(
     resolved, model = _built(recipe, checkpoint, set or [], max_memory)
     a = resolved.architecture
     picture = load_image(image, a.image_size, a.channels)
-    number = a.depth if layer is None else layer
+    number = model.plan.encoder.depth if layer is None else layer
     maps = cls_attention(model, picture[None], number)[0]
     paths = save_overlays(picture, maps, out, a.image_size // a.patch_size)
     print(f"wrote {len(paths)} images to {out} (layer {number}, {maps.shape[0]} heads)")

@@ -188,9 +188,13 @@ def _layer_target(key: str, stacks, model: torch.nn.Module) -> tuple[str, str | 
         match = rx.match(key)
         if match and key[match.end():] in table:
             index, attr, pattern = table[key[match.end():]]
-            steps = list(getattr(model, prefix).layers[0].steps.keys())
-            if index < len(steps):
-                return f"{prefix}.layers.{match.group(1)}.steps.{steps[index]}.{attr}", pattern
+            layers = getattr(model.plan, prefix).layers  # the reference's layer i is our layer i + 1
+            number = int(match.group(1))
+            if number >= len(layers):
+                return None
+            layer = layers[number]
+            if index < len(layer.steps):
+                return f"{prefix}.layers.{layer.module}.steps.{layer.steps[index].name}.{attr}", pattern
     return None
 
 

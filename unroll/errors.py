@@ -16,8 +16,9 @@ from typing import Any
 EXCERPT_CHARS = 60
 
 
-class UnrollError(Exception):
-    """A user-facing error: ``where`` names the file or object, ``field`` the offending entry."""
+class UnrollError(ValueError):
+    """A user-facing error: ``where`` names the file or object, ``field`` the offending entry.
+    A ``ValueError``: what was given has the right type but a wrong value or shape."""
 
     def __init__(self, message: str, *, where: str | None = None, field: str | None = None):
         self.message = message

@@ -9,9 +9,12 @@ from __future__ import annotations
 import sympy as sp
 
 from unroll.derive.update import Update
+from unroll.errors import UnrollError
 from unroll.expr.printing import to_latex, to_text
-from unroll.lower.model import DerivedStep, derive_layer, derive_steps
+from unroll.expr.symbols import size_value
 from unroll.network import Network
+from unroll.objective.base import objective_text
+from unroll.plan import DerivedStep, GroupPlan, Plan, StackPlan, plan
 
 
 def _render(e: sp.Basic, latex: bool) -> str:
@@ -33,7 +36,21 @@ def update_lines(u: Update, latex: bool = False) -> list[str]:
     return lines
 
 
-def explain_step(index: int, d: DerivedStep, latex: bool = False) -> list[str]:
+def parameter_lines(u: Update, sizes: dict[str, int]) -> list[str]:
+    """Each learned tensor of a layer's step: its symbol, stored name and shape, what it is."""
+    sizes = {**sizes, "m": u.expansion * sizes["d"]}
+    lines = []
+    for spec in u.params:
+        rows, cols = size_value(spec.rows, sizes), size_value(spec.cols, sizes)
+        shape = ((sizes["K"],) if spec.per_head else ()) + ((rows,) if spec.is_vector else (rows, cols))
+        stored = "" if spec.attr == spec.name else f" (stored as {spec.attr})"
+        lines.append(f"    {spec.name}{stored}: {' x '.join(map(str, shape))}" + (f", {spec.note}" if spec.note else ""))
+    for name in sorted(u.learnable):
+        lines.append(f"    {name}: a learned scalar")
+    return ["  parameters (per layer):", *lines] if lines else []
+
+
+def explain_step(index: int, d: DerivedStep, latex: bool = False, sizes: dict[str, int] | None = None) -> list[str]:
     lines = [f"step {index} · {d.exact.name} · {d.exact.title}", "  exact (derived from the objective):"]
     lines += ["    " + line for line in update_lines(d.exact, latex)]
     for relaxation, u in d.relaxed:
@@ -41,49 +58,77 @@ def explain_step(index: int, d: DerivedStep, latex: bool = False) -> list[str]:
         lines += ["    " + line for line in update_lines(u, latex)]
     lines.append("  computed:" if d.relaxed else "  computed (no relaxation):")
     lines += ["    " + line for line in update_lines(d.final, latex)]
+    lines += [f"  note: {u.describe()}" for u in d.unused]
+    if sizes is not None:
+        lines += parameter_lines(d.final, sizes)
     return lines
 
 
-def explain_inverse(index: int, d: DerivedStep, encoder: list[DerivedStep], latex: bool = False) -> list[str]:
+def explain_inverse(index: int, d: DerivedStep, encoder: StackPlan, latex: bool = False,
+                    sizes: dict[str, int] | None = None) -> list[str]:
     """A decoder step, headed by the encoder step it undoes (its computed update)."""
-    lines = explain_step(index, d, latex)
+    lines = explain_step(index, d, latex, sizes)
     inverted = getattr(d.step, "inverts", None)
-    match = next(((i, e) for i, e in enumerate(encoder, 1) if e.exact.name == inverted), None)
+    match = next(((g, i, e) for g, group in enumerate(encoder.groups, 1) for i, e in enumerate(group.steps, 1)
+                  if e.name == inverted), None)
     if match is None:
         return lines
-    i, e = match
-    side = [f"  undoes encoder step {i} · {e.exact.name}, which computes:"]
+    g, i, e = match
+    which = f"step {i}" if len(encoder.groups) == 1 else f"group {g}, step {i}"
+    side = [f"  undoes encoder {which} · {e.name}, which computes:"]
     side += ["    " + line for line in update_lines(e.final, latex)]
     return lines[:1] + side + lines[1:]
 
 
-def explain(network: Network, latex: bool = False) -> str:
-    steps = derive_layer(network)
-    objective = sum((s.step.on for s in steps), start=0)
-    head = [
-        f"{network.name}: {network.depth} layers (parameters {'tied' if network.tie_layers else 'untied'} across layers), "
-        f"d = {network.width}, K = {network.heads}, p = {network.sizes()['p']}; tokens are the columns of Z (d x N)",
-        "objective (minimised): " + (_objective_text(objective) if not latex else objective.latex()),
-        "",
-    ]
-    body = []
-    for i, d in enumerate(steps, 1):
-        body += explain_step(i, d, latex) + [""]
-    if network.decoder is not None:
-        task = network.decoder
+def _objective(group: GroupPlan, latex: bool) -> str:
+    parts = tuple(w for d in group.steps for w in d.parts)
+    if latex:
+        return sum((d.step.on for d in group.steps), start=0).latex()
+    return objective_text(parts)
+
+
+def _group_head(stack: StackPlan, g: int, what: str) -> str:
+    """``layers 3-4 (group 2 of 2: this layer 2 times, one set of parameters)``."""
+    first = sum(x.group.repeat for x in stack.groups[:g]) + 1
+    group = stack.groups[g].group
+    span = f"{what} {first}" if group.repeat == 1 else f"{what}s {first}-{first + group.repeat - 1}"
+    times = "once" if group.repeat == 1 else f"{group.repeat} times"
+    tie = "one set of parameters" if group.tie or group.repeat == 1 else "parameters untied"
+    return f"{span} (group {g + 1} of {len(stack.groups)}: this layer {times}, {tie})"
+
+
+def explain(network: Network | Plan, latex: bool = False) -> str:
+    """What every layer of ``network`` computes, from the same plan ``build`` lowers."""
+    p = network if isinstance(network, Plan) else plan(network)
+    net, sizes = p.network, dict(p.sizes)
+    groups = p.encoder.groups
+    depth = p.encoder.depth
+    if len(groups) == 1:
+        layout = (f"{depth} layer{'s' if depth != 1 else ''} "
+                  f"(parameters {'tied' if groups[0].group.tie else 'untied'} across layers)")
+    else:
+        layout = f"{depth} layers in {len(groups)} groups"
+    head = [f"{net.name}: {layout}, d = {net.width}, K = {net.heads}, p = {sizes['p']}; "
+            "tokens are the columns of Z (d x N)"]
+    body: list[str] = []
+    for g, group in enumerate(groups):
+        objective = "objective (minimised): " + _objective(group, latex)
+        if len(groups) == 1:
+            head += [objective, ""]
+        else:
+            body += [_group_head(p.encoder, g, "layer"), objective, ""]
+        for i, d in enumerate(group.steps, 1):
+            body += explain_step(i, d, latex, sizes) + [""]
+    if p.decoder is not None:
+        task = net.decoder
         body += [
-            f"decoder: {task.depth} layers; masked autoencoding, mask ratio {task.mask_ratio:g}, loss on the removed patches"
+            f"decoder: {p.decoder.depth} layers; masked autoencoding, mask ratio {task.mask_ratio:g}, loss on the removed patches"
             + (" (normalised pixels)" if task.norm_pix_loss else ""),
             "",
         ]
-        for i, d in enumerate(derive_steps(task.layer, "decoder.layer"), 1):
-            body += explain_inverse(i, d, steps, latex) + [""]
+        for g, group in enumerate(p.decoder.groups):
+            if len(p.decoder.groups) > 1:
+                body += [_group_head(p.decoder, g, "decoder layer"), ""]
+            for i, d in enumerate(group.steps, 1):
+                body += explain_inverse(i, d, p.encoder, latex, sizes) + [""]
     return "\n".join(head + body).rstrip() + "\n"
-
-
-def _objective_text(objective) -> str:
-    out = ""
-    for i, w in enumerate(objective.parts):
-        weight = "" if w.weight == 1 else f"{w.weight} "
-        out += (" + " if i else "") + weight + w.term.label
-    return out

@@ -24,47 +24,56 @@ from unroll.errors import UnrollError
 from unroll.files import bytes_writer, csv_text, png_bytes, text_writer, write_files
 from unroll.finite import name_list, nonfinite_names
 from unroll.expr.nodes import LayerNorm
-from unroll.objective import L1, CodingRate, Compression, Lasso, NonNegative
+from unroll.objective import CodingRate, Compression, L1, Lasso
 from unroll.objective.base import Term
+from unroll.objective.lasso import DICTIONARY
+from unroll.plan import LayerPlan
+from unroll.relax.rules import NORM_BIAS, NORM_WEIGHT, NORMALISED
 
 
 def _columns(x: torch.Tensor, rows: bool) -> torch.Tensor:
     return (x.mT if rows else x).double()
 
 
-def _params(step) -> dict[str, torch.Tensor]:
-    return {attr: getattr(step, attr).detach().double() for attr in step.specs}
+def _values(step) -> dict[str, torch.Tensor | float]:
+    """The step's parameters by attribute (``U``, ``D``), and its constants by name, as trained
+    (a learned ``lambda`` included): what a term's ``value`` reads."""
+    values: dict[str, torch.Tensor | float] = {attr: getattr(step, attr).detach().double() for attr in step.specs}
+    for name in step.constant_names:
+        values[name] = float(getattr(step, name).detach())
+    return values
 
 
 def _term_value(term: Term, step, update, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
-    params = _params(step)
-    if isinstance(term, NonNegative):
-        return None  # 0 or +inf: the fraction of zeros says more
-    if isinstance(term, L1):  # with the step's λ, which training may have learned
-        return _lam(step, term) * output.abs().flatten(1).sum(-1)
+    if not term.measured:
+        return None
+    values = _values(step)
     if isinstance(term, Lasso):
-        data, norm = inputs, update.binding("Y")
+        data, norm = inputs, update.binding(NORMALISED.name)
         if isinstance(norm, LayerNorm):  # the code explains the pre-normalised tokens
-            data = F.layer_norm(inputs.mT, (inputs.shape[-2],), params["norm_weight"], params["norm_bias"], float(norm.eps)).mT
-        if params.get("D") is None or output.shape[-2] != params["D"].shape[-1]:
+            data = F.layer_norm(inputs.mT, (inputs.shape[-2],), values[NORM_WEIGHT.attr], values[NORM_BIAS.attr],
+                                float(norm.eps)).mT
+        D = values.get(DICTIONARY.attr)
+        if D is None or output.shape[-2] != D.shape[-1]:
             return None  # the step outputs the decoded signal, not the code
-        return term.value(output, params, data)
-    return term.value(output, params)
+        return term.value(output, values, data)
+    return term.value(output, values)
 
 
 def measure(model: torch.nn.Module, images: torch.Tensor, eps: float | None = None) -> list[dict[str, float]]:
-    """One row per encoder layer: ``layer``, then ``<step>: <term>`` values, ``zeros`` (fraction
-    of exact zeros in the layer output), ``l1`` (mean |z|), ``R`` and ``sparse rate reduction``."""
+    """One row per encoder layer (numbered from 1 across groups): ``layer``, then
+    ``<step>: <term>`` values, ``zeros`` (fraction of exact zeros in the layer output), ``l1``
+    (mean |z|), ``R`` and, for a layer with a compression term, ``sparse rate reduction``."""
     bad = nonfinite_names({**dict(model.named_parameters()), **dict(model.named_buffers())})
     if bad:  # every value measured would be NaN, with no hint why
         raise UnrollError(f"the model's weights are not finite (NaN or infinity) in {name_list(bad)}; "
                           "nothing can be measured")
-    calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def record(module, args, output):
-        calls.setdefault(module.update_name, []).append((_columns(args[0], module.rows), _columns(output, module.rows)))
+        calls.append((_columns(args[0], module.rows), _columns(output, module.rows)))
 
-    # forward order is layer order; tied layers call one module `depth` times
+    # steps run in layer order, and in step order within a layer (a tied module runs repeatedly)
     hooks = [step.register_forward_hook(record) for layer in model.encoder.layers for step in layer.steps.values()]
     try:
         with torch.no_grad():
@@ -72,26 +81,30 @@ def measure(model: torch.nn.Module, images: torch.Tensor, eps: float | None = No
     finally:
         for h in hooks:
             h.remove()
-    return [_row(model, i, {name: c[i] for name, c in calls.items()}, eps) for i in range(model.encoder.depth)]
+    rows, start = [], 0
+    for layer in model.plan.encoder.layers:
+        outputs = calls[start:start + len(layer.steps)]
+        start += len(layer.steps)
+        rows.append(_row(model, layer, outputs, eps))
+    return rows
 
 
-def _row(model, i: int, outputs: dict[str, tuple[torch.Tensor, torch.Tensor]], eps: float | None) -> dict[str, float]:
-    row: dict[str, float] = {"layer": i + 1}
+def _row(model, layer: LayerPlan, outputs: list[tuple[torch.Tensor, torch.Tensor]], eps: float | None) -> dict[str, float]:
+    row: dict[str, float] = {"layer": layer.number}
     rc, lam, compression_eps = None, 0.0, 0.5
-    for derived in model.derived:
-        name = derived.exact.name
-        step = model.layer(i).steps[name]
-        inputs, output = outputs[name]
-        for w in _parts(derived.step.on):
+    module = model.encoder.layers[layer.module]
+    for derived, (inputs, output) in zip(layer.steps, outputs):
+        step = module.steps[derived.name]
+        for w in derived.parts:
             term = w.term
             value = _term_value(term, step, derived.final, inputs, output)
             if value is not None:
-                row[f"{name}: {term.label}"] = value.mean().item()
+                row[f"{derived.name}: {term.label}"] = value.mean().item()
             if isinstance(term, Compression):
                 rc, compression_eps = value.mean().item(), term.eps
             if isinstance(term, L1):
-                lam = _lam(step, term)
-    last = outputs[model.derived[-1].exact.name][1]
+                lam = term.threshold(_values(step))
+    last = outputs[-1][1]
     row["zeros"] = (last == 0).double().mean().item()
     row["l1"] = last.abs().mean().item()
     R = CodingRate(eps=eps or compression_eps).value(last, {}).mean().item()
@@ -102,14 +115,10 @@ def _row(model, i: int, outputs: dict[str, tuple[torch.Tensor, torch.Tensor]], e
     return row
 
 
-def _lam(step, term: L1) -> float:
-    """The threshold the step uses: its (possibly learned) ``lambda``, else the term's."""
-    value = getattr(step, "lambda", None)
-    return float(value.detach()) if isinstance(value, torch.Tensor) else term.lam
-
-
-def _parts(on):
-    return on._as_objective().parts if isinstance(on, Term) else on.parts
+def columns(rows: list[dict[str, float]]) -> list[str]:
+    """Every quantity any layer has, in first-seen order (layers of different groups measure
+    different terms; a layer lacks the others)."""
+    return list(dict.fromkeys(key for row in rows for key in row))
 
 
 def write(rows: list[dict[str, float]], folder: Path, title: str) -> tuple[Path, Path]:
@@ -120,7 +129,8 @@ def write(rows: list[dict[str, float]], folder: Path, title: str) -> tuple[Path,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in rows[0] if k != "layer"]
+    fields = columns(rows)
+    keys = fields[1:]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.0), squeeze=False)
     depth = [r["layer"] for r in rows]
     for ax, key in zip(axes[0], keys):
@@ -131,5 +141,5 @@ def write(rows: list[dict[str, float]], folder: Path, title: str) -> tuple[Path,
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     png = png_bytes(fig, dpi=110)
-    csv_path, png_path = write_files(folder, {"measure.csv": text_writer(csv_text(rows)), "measure.png": bytes_writer(png)})
+    csv_path, png_path = write_files(folder, {"measure.csv": text_writer(csv_text(rows, fields)), "measure.png": bytes_writer(png)})
     return csv_path, png_path

@@ -1,15 +1,83 @@
-"""A whole network as plain data: a front end, ``depth`` unrolled layers of steps, and a head.
+"""A whole network as plain data: a front end, groups of unrolled layers of steps, and a head.
 
-This is what both the Python API and the recipe loader produce, and what the compiler lowers.
+This is what both the Python API and the recipe loader produce, and what the compiler plans
+(:mod:`unroll.plan`) and lowers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import KW_ONLY, dataclass, field, replace
+from typing import Annotated, Literal
 
-from unroll.derive.steps import Step
+from pydantic import Field
+
+from unroll.derive.steps import STEP_TYPES, Step
 from unroll.errors import UnrollError
+from unroll.fields import check_fields
+
+
+Size = Annotated[int, Field(ge=1)]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+def _steps(layer: object, where: str) -> tuple[Step, ...]:
+    """``layer`` as a tuple of steps, or an error naming the first item that is not one."""
+    if isinstance(layer, STEP_TYPES):
+        layer = (layer,)
+    if not isinstance(layer, (tuple, list)) or not layer:
+        raise UnrollError(f"expected a non-empty tuple of steps, found {type(layer).__name__}", field=where)
+    for i, step in enumerate(layer):
+        if not isinstance(step, STEP_TYPES):
+            kinds = ", ".join(t.__name__ for t in STEP_TYPES)
+            raise UnrollError(f"item {i} is a {type(step).__name__}, not a step ({kinds})", field=where)
+    return tuple(layer)
+
+
+@dataclass(frozen=True)
+class Group:
+    """``repeat`` consecutive layers, each running the steps of ``layer`` in order; ``tie``: the
+    repeats share one set of parameters (one module applied ``repeat`` times)."""
+
+    layer: tuple[Step, ...]
+    repeat: int = 1
+    tie: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "layer", _steps(self.layer, "group.layer"))
+        if isinstance(self.repeat, bool) or not isinstance(self.repeat, int) or self.repeat < 1:
+            raise UnrollError(f"repeat must be a whole number at least 1, found {self.repeat!r}", field="group.repeat")
+
+
+def _groups(layer, depth, tie: bool, layers, where: str) -> tuple[tuple[Group, ...], int]:
+    """The groups and the depth of ``layer`` repeated ``depth`` times, or of ``layers``."""
+    if layer is not None:
+        if layers:
+            raise UnrollError("give either layer (with depth) or layers, not both", field=f"{where}layers")
+        if depth is None or isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise UnrollError(f"depth must be a whole number at least 1, found {depth!r}", field=f"{where}depth")
+        return (Group(layer, depth, tie),), depth
+    if not layers or not isinstance(layers, (tuple, list)):
+        raise UnrollError("give the layer (a tuple of steps) and depth, or layers (a list of Group)", field=f"{where}layers")
+    groups = tuple(layers)
+    for i, group in enumerate(groups):
+        if not isinstance(group, Group):
+            raise UnrollError(f"item {i} is a {type(group).__name__}, not a Group(layer, repeat, tie)", field=f"{where}layers")
+    total = sum(g.repeat for g in groups)
+    if depth is not None and depth != total:
+        raise UnrollError(f"with layers the depth is the sum of the repeats ({total}), found depth {depth} "
+                          "(leave depth out)", field=f"{where}depth")
+    return groups, total
+
+
+def _settle(obj, layer, depth, tie: bool, layers, where: str) -> None:
+    """Keep ``layer``/``depth``/``layers`` as given (so ``dataclasses.replace(network, depth=2)``
+    works) and the groups they describe beside them; with ``layers`` the depth is their total."""
+    groups, total = _groups(layer, depth, tie, layers, where)
+    object.__setattr__(obj, "_groups", groups)
+    if layers:
+        object.__setattr__(obj, "layers", groups)
+        object.__setattr__(obj, "depth", None)
+    object.__setattr__(obj, "_depth", total)
 
 
 @dataclass(frozen=True)
@@ -22,11 +90,11 @@ class PatchFrontend:
     stride p (CRATE-alpha, CRATE-MAE), the same map with the weights laid out ``(c p1 p2)``.
     """
 
-    image_size: int = 224
-    patch_size: int = 16
-    channels: int = 3
+    image_size: Size = 224
+    patch_size: Size = 16
+    channels: Size = 3
     patch_norm: bool = True
-    norm_eps: float = 1e-5
+    norm_eps: Positive = 1e-5
     cls_token: bool = True
     #: ``sincos``: the fixed 2-D sin-cos table of MAE (a zero row for cls), stored as a buffer
     positions: Literal["learned", "sincos", "none"] = "learned"
@@ -45,9 +113,9 @@ class PatchFrontend:
 class ClassifierHead:
     """Pool the cls token (or the mean token), LayerNorm, Linear to the classes."""
 
-    classes: int = 1000
+    classes: Size = 1000
     pool: Literal["cls", "mean"] = "cls"
-    norm_eps: float = 1e-5
+    norm_eps: Positive = 1e-5
 
 
 @dataclass(frozen=True)
@@ -59,19 +127,44 @@ class MaskedAutoencoder:
     against per-patch normalised pixels when ``norm_pix_loss``. ``norm_eps``: the LayerNorms after
     the encoder and after the decoder."""
 
-    layer: tuple[Step, ...]
-    depth: int
-    mask_ratio: float = 0.75
+    layer: tuple[Step, ...] | None = None
+    depth: int | None = None
+    mask_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.75
     norm_pix_loss: bool = False
-    norm_eps: float = 1e-6
+    norm_eps: Positive = 1e-6
+    #: instead of ``layer`` and ``depth``: the decoder's groups of layers
+    layers: tuple[Group, ...] = ()
+    #: the repeats of ``layer`` share their parameters
+    tie: bool = False
+
+    def __post_init__(self):
+        _settle(self, self.layer, self.depth, self.tie, self.layers, "decoder.")
+        check_fields(self, "decoder")
+
+    @property
+    def groups(self) -> tuple[Group, ...]:
+        """The decoder's layers as groups (one group for ``layer`` and ``depth``)."""
+        return self._groups
+
+    @property
+    def total_depth(self) -> int:
+        return self._depth
 
 
 @dataclass(frozen=True)
 class Network:
-    layer: tuple[Step, ...]
+    """``layer`` (a tuple of steps) repeated ``depth`` times, its repeats sharing parameters when
+    ``tie_layers``; or ``layers``, a sequence of :class:`Group` (different layers, each repeated,
+    tied or not), whose repeats add up to the depth::
+
+        Network(layers=[Group(crate_layer, 2), Group(attention_only, 2, tie=True)], width=384, heads=6)
+    """
+
+    layer: tuple[Step, ...] | None = None
+    _: KW_ONLY
     width: int
     heads: int
-    depth: int
+    depth: int | None = None
     head_dim: int | None = None
     tie_layers: bool = False
     frontend: PatchFrontend = field(default_factory=PatchFrontend)
@@ -79,6 +172,38 @@ class Network:
     name: str = "network"
     #: a masked autoencoder instead of a classifier (then ``head`` is unused)
     decoder: MaskedAutoencoder | None = None
+    #: the layers as groups; filled from ``layer`` and ``depth`` when those are given
+    layers: tuple[Group, ...] = ()
+
+    def __post_init__(self):
+        if self.tie_layers and self.layer is None and self.layers:
+            raise UnrollError("tie_layers applies to layer and depth; with layers, give each Group its tie",
+                              field="architecture.tie_layers")
+        _settle(self, self.layer, self.depth, self.tie_layers, self.layers, "architecture.")
+        task = self.decoder
+        if self.tie_layers and task is not None and task.layer is not None and not task.tie:
+            # a decoder given as one layer ties its repeats like the encoder's
+            object.__setattr__(self, "decoder", replace(task, tie=True))
+        for name in ("width", "heads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UnrollError(f"{name} must be a whole number at least 1, found {value!r}", field=f"architecture.{name}")
+        if self.head_dim is not None and (isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int)
+                                          or self.head_dim < 1):
+            raise UnrollError(f"head_dim must be a whole number at least 1, found {self.head_dim!r}",
+                              field="architecture.head_dim")
+        for part in (self.frontend, self.head):
+            check_fields(part, "architecture")
+
+    @property
+    def groups(self) -> tuple[Group, ...]:
+        """The layers as groups: one for ``layer`` and ``depth``, else ``layers``."""
+        return self._groups
+
+    @property
+    def total_depth(self) -> int:
+        """Layers in all: ``depth``, or the sum of the groups' repeats."""
+        return self._depth
 
     def sizes(self) -> dict[str, int]:
         """``d``, ``K`` and ``p``; the head dimension defaults to width / heads."""

@@ -6,6 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from unroll.expr.printing import to_text
+from unroll.plan import Plan
 
 
 def parameter_count(model: torch.nn.Module) -> int:
@@ -39,9 +40,27 @@ def flops_per_sample(model: torch.nn.Module) -> int:
     return forward_flops(model, torch.zeros(1, spec.channels, spec.image_size, spec.image_size))
 
 
-def step_rows(model) -> list[tuple[str, str, str]]:
-    """(step, how it was derived, the update it computes) for each step of a layer."""
-    rows = [(d.exact.name, d.exact.title, "Z⁺ = " + to_text(d.final.out)) for d in model.derived]
-    for d in getattr(model, "decoder_derived", []):
-        rows.append((f"decoder: {d.exact.name}", d.exact.title, "Z⁺ = " + to_text(d.final.out)))
+def step_rows(plan: Plan) -> list[tuple[str, str, str]]:
+    """(step, how it was derived, the update it computes) for each step of each group of layers;
+    with several groups (or a decoder) the step is prefixed by the layers it runs in."""
+    rows = []
+    for part, stack in plan.stacks():
+        what = "decoder layer" if part == "decoder" else "layer"
+        several = len(stack.groups) > 1 or plan.decoder is not None
+        first = 1
+        for group in stack.groups:
+            last = first + group.group.repeat - 1
+            span = f"{what} {first}" if first == last else f"{what}s {first}-{last}"
+            for d in group.steps:
+                label = f"{span}: {d.name}" if several else d.name
+                rows.append((label, d.exact.title, "Z⁺ = " + to_text(d.final.out)))
+            first = last + 1
     return rows
+
+
+def layout(plan: Plan) -> str:
+    """``one layer, repeated 12 times`` or ``4 layers in 2 groups``."""
+    groups = plan.encoder.groups
+    if len(groups) == 1:
+        return f"one layer, repeated {plan.encoder.depth} times"
+    return f"{plan.encoder.depth} layers in {len(groups)} groups"

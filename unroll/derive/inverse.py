@@ -50,3 +50,11 @@ def invert(step: Step) -> Step:
 def invert_layer(steps: tuple[Step, ...]) -> tuple[Step, ...]:
     """The decoder layer that undoes an encoder layer: each step inverted, in reverse order."""
     return tuple(invert(s) for s in reversed(steps))
+
+
+def invert_groups(groups: tuple) -> tuple:
+    """The decoder of an encoder of several groups of layers: the groups in reverse order, each
+    layer inverted, each group repeated (and tied) as in the encoder."""
+    from unroll.network import Group  # late: the network module builds on the derivation
+
+    return tuple(Group(invert_layer(g.layer), g.repeat, g.tie) for g in reversed(groups))

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 
 import sympy as sp
 
+from unroll.errors import UnrollError
 from unroll.expr.symbols import Z
 from unroll.objective.base import ParamSpec, Term
 
@@ -93,9 +94,16 @@ def used_names(expr: sp.Basic, bound: dict[str, sp.Basic]) -> set[str]:
 
 
 def merge_params(*groups: tuple[ParamSpec, ...]) -> tuple[ParamSpec, ...]:
-    """Union of parameter lists, by name, keeping first-seen order."""
+    """Union of parameter lists, by name, keeping first-seen order. One name is one tensor: two
+    terms may share a parameter only by declaring the same one (the compression and denoising
+    terms' ``U_k``); two different ones under one name are an error."""
     seen: dict[str, ParamSpec] = {}
     for group in groups:
         for spec in group:
-            seen.setdefault(spec.name, spec)
+            first = seen.setdefault(spec.name, spec)
+            if first != spec:
+                raise UnrollError(
+                    f"two different parameters are named {spec.name}: {first.note or 'one'} "
+                    f"({first.rows} x {first.cols}) and {spec.note or 'another'} ({spec.rows} x {spec.cols}); "
+                    "rename the one you declared")
     return tuple(seen.values())

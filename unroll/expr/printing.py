@@ -84,13 +84,18 @@ def _join_terms(texts: list[str]) -> str:
 
 
 def _reading_order(expr: sp.MatAdd) -> list[sp.Basic]:
-    """Skip connections first (``Z + ...``), the way the papers write an update."""
+    """Added terms before subtracted ones (``1 - c``, ``D Y - Y``), and skip connections first
+    among each (``Z + ...``), the way the papers write an update."""
     def is_skip(term: sp.Basic) -> bool:
         return isinstance(term, sp.MatrixSymbol) or (
             isinstance(term, sp.MatMul) and len(term.as_coeff_mmul()[1].args) == 1
             and isinstance(term.as_coeff_mmul()[1].args[0], sp.MatrixSymbol)
         )
-    return sorted(expr.args, key=lambda t: not is_skip(t))
+    def subtracted(term: sp.Basic) -> bool:  # printed with a leading minus (see _print_MatMul)
+        coeff = term.as_coeff_mmul()[0] if isinstance(term, sp.MatMul) else sp.Integer(1)
+        return bool(coeff.could_extract_minus_sign()) and not coeff.is_Add
+
+    return sorted(expr.args, key=lambda t: (subtracted(t), not is_skip(t)))
 
 
 class _LatexPrinter(LatexPrinter):

@@ -17,41 +17,30 @@ from torch import nn
 
 from unroll.errors import UnrollError
 from unroll.lower.frontend import PatchEmbedding
-from unroll.lower.model import DerivedStep, Layer, LayerStack, RecipeModel, derive_layer, derive_steps
+from unroll.lower.model import Layer, LayerStack, RecipeModel
 from unroll.network import Network
+from unroll.plan import Plan, plan
 
 
 class WhiteBoxAutoencoder(RecipeModel):
     def __init__(self, network: Network, optimize: bool = True):
         super().__init__()
-        task = network.decoder
-        if task is None:
+        if network.decoder is None:
             raise UnrollError("a masked autoencoder needs a decoder", field="decoder")
-        if not network.frontend.cls_token:
-            raise UnrollError("the masked autoencoder needs a cls token", field="architecture.cls_token")
-        for name, depth in (("architecture.depth", network.depth), ("decoder.depth", task.depth)):
-            if depth < 1:
-                raise UnrollError(f"depth must be at least 1, found {depth}", field=name)
+        self.plan: Plan = plan(network)
         self.network = network
         self.optimize = optimize
-        d, sizes, spec = network.width, network.sizes(), network.frontend
+        d, sizes, spec = network.width, dict(self.plan.sizes), network.frontend
         self.frontend = PatchEmbedding(spec, d)
         self.mask_token = nn.Parameter(0.02 * torch.randn(1, 1, d))
-        self.encoder = LayerStack(derive_layer(network), sizes, network.depth, network.tie_layers, optimize)
-        self.norm = nn.LayerNorm(d, eps=task.norm_eps)
-        self.decoder = LayerStack(derive_steps(task.layer, "decoder.layer"), sizes, task.depth, network.tie_layers, optimize)
-        self.decoder_norm = nn.LayerNorm(d, eps=task.norm_eps)
+        self.encoder = LayerStack(self.plan.encoder, sizes, optimize)
+        self.norm = nn.LayerNorm(d, eps=network.decoder.norm_eps)
+        self.decoder = LayerStack(self.plan.decoder, sizes, optimize)
+        self.decoder_norm = nn.LayerNorm(d, eps=network.decoder.norm_eps)
         self.decoder_pred = nn.Linear(d, spec.channels * spec.patch_size**2)
 
-    @property
-    def derived(self) -> list[DerivedStep]:
-        return self.encoder.derived
-
-    @property
-    def decoder_derived(self) -> list[DerivedStep]:
-        return self.decoder.derived
-
     def layer(self, i: int) -> Layer:
+        """The module of encoder layer ``i`` (counted from 0, across groups)."""
         return self.encoder.layer(i)
 
     def patchify(self, images: torch.Tensor) -> torch.Tensor:

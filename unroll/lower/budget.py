@@ -66,14 +66,14 @@ def estimate(network: Network, optimize: bool = True, batch: int = 1, training: 
     sizes = network.sizes()
     tokens, frontend = network.frontend.tokens, network.frontend
     image = frontend.channels * frontend.image_size**2
-    encoder = _layer_values(model.derived, sizes, tokens)
-    decoder = _layer_values(getattr(model, "decoder_derived", []), sizes, tokens)
+    layers = [(layer, _layer_values(layer.steps, sizes, tokens))
+              for _, stack in model.plan.stacks() for layer in stack.layers]
     if training:  # every step and iteration of every layer is kept for the backward
-        per_sample = image + network.depth * sum(encoder) + (network.decoder.depth * sum(decoder) if decoder else 0)
+        per_sample = image + sum(sum(values) for _, values in layers)
     else:  # one step's temporaries at a time
-        per_sample = image + max([*encoder, *decoder])
-    if measuring:  # two float64 matrices (4 float32 values each) per step and layer
-        per_sample += network.depth * sum(4 * tokens * _widest(d, sizes) for d in model.derived)
+        per_sample = image + max(v for _, values in layers for v in values)
+    if measuring:  # two float64 matrices (4 float32 values each) per step of each encoder layer
+        per_sample += sum(4 * tokens * _widest(d, sizes) for layer in model.plan.encoder.layers for d in layer.steps)
     return Estimate(parameters, buffers, batch * per_sample * BYTES, batch, training)
 
 

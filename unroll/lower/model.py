@@ -1,92 +1,52 @@
-"""Lower a :class:`~unroll.network.Network`: derive, relax, validate, then build modules."""
+"""Lower a :class:`~unroll.plan.Plan` into modules: the network's layers, front end and head."""
 
 from __future__ import annotations
 
-import functools
 import pickle
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from unroll.derive.steps import Step, derive, step_name_problem
-from unroll.derive.update import Update
 from unroll.errors import UnrollError, excerpt
-from unroll.graph.blocks import LayerGraph, build_layer_graph
+from unroll.graph.blocks import LayerGraph
 from unroll.lower.frontend import Classifier, PatchEmbedding
 from unroll.lower.step import LoweredStep, copy_module
 from unroll.network import Network
 from unroll.objective.base import Term
 from unroll.objective.custom import Custom
-from unroll.relax.rules import apply_all, prune
-
-
-@dataclass(frozen=True)
-class DerivedStep:
-    """A step's exact update, then its update after each relaxation (the last one is computed)."""
-
-    step: Step
-    exact: Update
-    relaxed: tuple[tuple[object, Update], ...]
-
-    @property
-    def final(self) -> Update:
-        return self.relaxed[-1][1] if self.relaxed else self.exact
-
-
-def derive_steps(steps: tuple[Step, ...], field: str = "layer") -> list[DerivedStep]:
-    """Derive each step's exact update and relax it, in order. The derivation is pure and its
-    result immutable, so it is cached: the memory estimate, the build and ``explain`` of one
-    network derive it once."""
-    try:
-        return list(_derive_cached(tuple(steps), field))
-    except TypeError:  # a step holding something unhashable: derive it afresh
-        return list(_derive(tuple(steps), field))
-
-
-def _derive(steps: tuple[Step, ...], field: str) -> tuple[DerivedStep, ...]:
-    names = [s.name for s in steps]
-    for name in names:
-        if (problem := step_name_problem(name)) is not None:
-            raise UnrollError(problem, field=field)
-    if len(set(names)) != len(names):
-        raise UnrollError(f"step names must be unique within a layer, found {names}", field=field)
-    out = []
-    for step in steps:
-        exact = prune(derive(step))
-        out.append(DerivedStep(step, exact, tuple(apply_all(exact, step.relax))))
-    return tuple(out)
-
-
-_derive_cached = functools.lru_cache(maxsize=32)(_derive)
-
-
-def derive_layer(network: Network) -> list[DerivedStep]:
-    return derive_steps(network.layer)
+from unroll.plan import Plan, StackPlan, plan
 
 
 class LayerStack(nn.Module):
-    """``depth`` applications of one derived layer, with their own weights or tied ones."""
+    """The unrolled layers of a stack, group after group.
 
-    def __init__(self, derived: list[DerivedStep], sizes: dict[str, int], depth: int, tied: bool, optimize: bool = True):
+    ``layers`` holds one module per set of parameters: a group's repeats each get their own, or
+    share one when the group is tied (so one group of ``depth`` layers keeps the keys
+    ``layers.<i>.steps.<step>.<param>``). ``schedule`` lists, per unrolled layer, its module."""
+
+    def __init__(self, stack: StackPlan, sizes: dict[str, int], optimize: bool = True):
         super().__init__()
-        self.derived = derived
-        self.graph = build_layer_graph([s.final for s in derived])
-        self.layers = nn.ModuleList(Layer(self.graph, sizes, optimize) for _ in range(1 if tied else depth))
-        self.depth = depth
+        self.stack = stack
+        self.layers = nn.ModuleList(
+            Layer(g.graph, sizes, optimize) for g in stack.groups for _ in range(g.modules))
+        self.schedule = tuple(layer.module for layer in stack.layers)
+        self.depth = len(self.schedule)
 
     def layer(self, i: int) -> Layer:
-        return self.layers[0 if len(self.layers) == 1 else i]
+        """The module of unrolled layer ``i`` (counted from 0)."""
+        return self.layers[self.schedule[i]]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, N, d) -> (B, N, d), tokens as rows."""
-        for i in range(self.depth):
-            tokens = self.layer(i).run(tokens)
+        for module in self.schedule:
+            tokens = self.layers[module].run(tokens)
         return tokens
 
 
 class Layer(nn.Module):
     """One unrolled iteration: the steps of the layer in order."""
+
+    steps: nn.ModuleDict
 
     def __init__(self, graph: LayerGraph, sizes: dict[str, int], optimize: bool = True):
         super().__init__()
@@ -117,6 +77,7 @@ class RecipeModel(nn.Module):
 
     network: Network
     optimize: bool
+    plan: Plan
 
     def __reduce__(self):
         _check_picklable(self.network)
@@ -154,8 +115,9 @@ def _check_picklable(network: Network) -> None:
 
 
 def _custom_terms(network: Network) -> list[Custom]:
-    steps = network.layer + (network.decoder.layer if network.decoder is not None else ())
-    ons = [s.on._as_objective() if isinstance(s.on, Term) else s.on for s in steps]
+    stacks = [network.groups, network.decoder.groups if network.decoder is not None else ()]
+    ons = [step.on._as_objective() if isinstance(step.on, Term) else step.on
+           for groups in stacks for group in groups for step in group.layer]
     return [w.term for on in ons for w in on.parts if isinstance(w.term, Custom)]
 
 
@@ -175,19 +137,15 @@ class WhiteBoxClassifier(RecipeModel):
 
     def __init__(self, network: Network, optimize: bool = True):
         super().__init__()
-        if network.depth < 1:
-            raise UnrollError(f"depth must be at least 1, found {network.depth}", field="architecture.depth")
+        self.plan: Plan = plan(network)
         self.network = network
         self.optimize = optimize
         self.frontend = PatchEmbedding(network.frontend, network.width)
-        self.encoder = LayerStack(derive_layer(network), network.sizes(), network.depth, network.tie_layers, optimize)
+        self.encoder = LayerStack(self.plan.encoder, dict(self.plan.sizes), optimize)
         self.head = Classifier(network.head, network.width)
 
-    @property
-    def derived(self) -> list[DerivedStep]:
-        return self.encoder.derived
-
     def layer(self, i: int) -> Layer:
+        """The module of encoder layer ``i`` (counted from 0, across groups)."""
         return self.encoder.layer(i)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import copy
 import math
 
+import sympy as sp
 import torch
 from torch import nn
 
 from unroll.derive.update import Update, used_names
 from unroll.errors import UnrollError
 from unroll.expr.printing import to_text
-from unroll.lower.interpret import Lowering, size_value
+from unroll.expr.symbols import N, Z as Z_SYMBOL
+from unroll.lower.interpret import CACHE, RAW, SIZES, Lowering, size_value
 from unroll.lower.optimize import OptimizedLowering, optimize_expr, weights_of
 from unroll.objective.base import ParamSpec
 
@@ -27,6 +29,18 @@ def init_param(spec: ParamSpec, sizes: dict[str, int]) -> torch.Tensor:
     fan_in = size_value(spec.init[1], sizes)
     bound = 1 / math.sqrt(fan_in) if kind == "uniform" else math.sqrt(6 / fan_in)
     return torch.empty(shape).uniform_(-bound, bound)
+
+
+def attribute_problem(name: str) -> str | None:
+    """Why a parameter or constant cannot be stored under ``name`` on a lowered step, or None."""
+    if name.startswith("_") or hasattr(LoweredStep, name) or name in STEP_ATTRIBUTES:
+        return f"{name!r} is taken by the lowered step (an attribute of torch modules or of unroll's steps)"
+    return None
+
+
+#: what a lowered step stores besides its parameters and constants
+STEP_ATTRIBUTES = frozenset({"update_name", "title", "update_text", "sizes", "specs", "constant_names",
+                             "smooth_grads", "bindings", "optimized", "rows", "program", "result", "factor_cache"})
 
 
 class LoweredStep(nn.Module):
@@ -62,6 +76,8 @@ class LoweredStep(nn.Module):
                 self.register_buffer(name, torch.tensor(float(value), dtype=torch.float64), persistent=False)
         self.constant_names = tuple(update.constants)
         grads = {t.name: t.row_grad() for t in update.smooth_terms}
+        self.smooth_grads = grads
+        self.bindings = tuple(update.where)
         bound = {s.name: e for s, e in update.where}
         out = update.out
         self.optimized = optimize
@@ -105,11 +121,11 @@ class LoweredStep(nn.Module):
         (as views: a weight is never copied to be transposed)."""
         rows = self.rows if rows is None else rows
         tokens = Z.shape[-2] if rows else Z.shape[-1]
-        env: dict = {"Z": Z.unsqueeze(1), "__sizes__": {**self.sizes, "N": tokens}, "__raw__": {},
-                     "__cache__": self.factor_cache}
+        env: dict = {Z_SYMBOL.name: Z.unsqueeze(1), SIZES: {**self.sizes, N.name: tokens}, RAW: {},
+                     CACHE: self.factor_cache}
         for attr, spec in self.specs.items():
             raw = getattr(self, attr)
-            env["__raw__"][spec.name] = raw
+            env[RAW][spec.name] = raw
             if spec.per_head:
                 env[spec.name] = (raw.mT if rows else raw).unsqueeze(0)
             elif raw.dim() == 1:
@@ -119,6 +135,19 @@ class LoweredStep(nn.Module):
         for name in self.constant_names:
             env[name] = getattr(self, name)
         return env
+
+    def evaluate(self, expr: sp.Basic, Z: torch.Tensor) -> torch.Tensor:
+        """A part of this step's computed update (an expression in its symbols, such as the
+        softmax similarity) evaluated on ``Z`` (B, d, N), tokens as columns, with the plain
+        lowering: a 4-D value (B|1, K|1, rows, cols)."""
+        lowering = Lowering(self.smooth_grads)
+        bound = {s.name: e for s, e in self.bindings}
+        used = used_names(expr, bound)
+        env = self._env(Z, rows=False)
+        for s, e in self.bindings:
+            if s.name in used:
+                env[s.name] = lowering.matrix(e)(env)
+        return lowering.matrix(expr)(env)
 
     def forward(self, Z: torch.Tensor) -> torch.Tensor:
         """``Z``: (B, d, N), tokens as columns; (B, N, d) for an optimised step (``rows``)."""

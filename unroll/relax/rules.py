@@ -15,14 +15,23 @@ import sympy as sp
 
 from unroll.derive.update import Update, merge_params, used_names
 from unroll.errors import UnrollError, excerpt
+from unroll.fields import check_fields
 from unroll.expr.nodes import HeadSum, LayerNorm, Softmax, is_per_head
 from unroll.expr.printing import to_text
 from unroll.expr.symbols import K, N, Z, d, p
 from unroll.objective.base import ParamSpec
+from unroll.objective.compression import SUBSPACES
 from unroll.relax.tidy import matmul_factors, tidy
 
 tau = sp.Symbol("tau", positive=True)
 _STRICT = ConfigDict(extra="forbid")  # recipes may not pass unknown arguments
+
+
+class _Rule:
+    """A relaxation made in Python is held to the bounds its fields declare, as in a recipe."""
+
+    def __post_init__(self):
+        check_fields(self, f"relaxation {self.name}")
 
 
 def _fail(update: Update, relaxation: str, message: str) -> UnrollError:
@@ -34,7 +43,7 @@ def _note(update: Update, text: str) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class Neumann:
+class Neumann(_Rule):
     """``(I + A)^{-1} ≈ Σ_{j=0}^{order} (-A)^j``: drops the inverse of the Gram matrix."""
 
     __pydantic_config__: ClassVar = _STRICT
@@ -91,13 +100,13 @@ def _head_sum_of_subspaces(term: sp.Basic) -> tuple[sp.Expr, list[sp.Basic]] | N
     if len(factors) != 1 or not isinstance(factors[0], HeadSum):
         return None
     c_in, inner = matmul_factors(factors[0].arg)
-    if len(inner) < 2 or not (isinstance(inner[0], sp.MatrixSymbol) and inner[0].name == "U_k"):
+    if len(inner) < 2 or inner[0] != SUBSPACES.symbol:
         return None
     return c * c_in, inner[1:]
 
 
 @dataclass(frozen=True)
-class CompleteSubspaces:
+class CompleteSubspaces(_Rule):
     """Assume the subspaces cover the space, ``Σ_k U_k U_k^T = I``."""
 
     __pydantic_config__: ClassVar = _STRICT
@@ -121,7 +130,7 @@ class CompleteSubspaces:
 
 
 @dataclass(frozen=True)
-class SoftmaxSimilarity:
+class SoftmaxSimilarity(_Rule):
     """Replace each Gram similarity ``W_k^T W_k`` of projected tokens by ``softmax(tau W_k^T W_k)``,
     normalised over each column. ``temperature`` is a number or ``"1/sqrt(p)"``; ``causal``
     lets each token attend only to itself and earlier tokens (autoregressive models)."""
@@ -174,7 +183,7 @@ class SoftmaxSimilarity:
 
 
 @dataclass(frozen=True)
-class UntieOutput:
+class UntieOutput(_Rule):
     """Replace the output operator ``c [U_1 ... U_K]`` by learned blocks ``[O_1 ... O_K]``
     (one ``Linear(K p -> d)``), optionally with a bias ``b``. O absorbs the size of c but not its
     sign, so that descent adds the learned output and ascent (a decoder) subtracts it."""
@@ -213,7 +222,7 @@ class UntieOutput:
 
 
 @dataclass(frozen=True)
-class Residual:
+class Residual(_Rule):
     """``c Z + Δ → Z + Δ`` (enabled: the skip's coefficient is absorbed, or a skip is added)
     or ``→ Δ`` (disabled)."""
 
@@ -234,8 +243,14 @@ class Residual:
         return u.evolve(out=out, notes=_note(u, self.name))
 
 
+#: what ``pre_norm`` introduces: the normalised tokens ``Y = LN(Z)`` and the LayerNorm's parameters
+NORMALISED = sp.MatrixSymbol("Y", d, N)
+NORM_WEIGHT = ParamSpec("norm_weight", d, 1, ("ones",), "LayerNorm scale")
+NORM_BIAS = ParamSpec("norm_bias", d, 1, ("zeros",), "LayerNorm shift")
+
+
 @dataclass(frozen=True)
-class PreNorm:
+class PreNorm(_Rule):
     """Apply the step's operator to ``Y = LN(Z)`` (LayerNorm over each token); a skip connection,
     if any, still carries ``Z``."""
 
@@ -249,11 +264,9 @@ class PreNorm:
         return f"Δ(Z) → Δ(LN(Z)), LN eps = {self.eps:g}"
 
     def apply(self, u: Update) -> Update:
-        if u.binding("Y") is not None:
+        if u.binding(NORMALISED.name) is not None:
             raise _fail(u, self.name, "the step already has a pre-norm")
-        gamma = ParamSpec("norm_weight", d, 1, ("ones",), "LayerNorm scale")
-        shift = ParamSpec("norm_bias", d, 1, ("zeros",), "LayerNorm shift")
-        Y = sp.MatrixSymbol("Y", d, N)
+        gamma, shift, Y = NORM_WEIGHT, NORM_BIAS, NORMALISED
         coeff, increment = u.skip_and_increment()
         swap = {Z: Y}
         out = coeff * Z + increment.xreplace(swap) if coeff != 0 else u.out.xreplace(swap)
@@ -264,7 +277,7 @@ class PreNorm:
 
 
 @dataclass(frozen=True)
-class Learnable:
+class Learnable(_Rule):
     """Turn fixed constants (step sizes, thresholds, temperatures) into learned parameters."""
 
     __pydantic_config__: ClassVar = _STRICT
