@@ -133,7 +133,7 @@ def test_a_decoder_inverting_several_groups_undoes_them_in_reverse_order(tmp_pat
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     network = unroll.as_network(path)
     assert depth > 0 and network.total_depth == 3 and network.decoder.total_depth == 3
-    decoder = [(g.repeat, [s.name for s in g.layer]) for g in network.decoder.groups]
+    decoder = [(g.repeat, [s.name for s in g.layer]) for g in network.decoder_groups]
     encoder_names = [s["name"] for s in layer]
     assert decoder == [(1, [f"inverse_{encoder_names[0]}"]),
                        (2, [f"inverse_{n}" for n in reversed(encoder_names)])]
@@ -181,15 +181,23 @@ def test_python_mistakes_in_groups_are_named():
 
 def test_build_and_explain_refuse_with_the_same_message():
     """Everything build checks, explain checks: both read one plan."""
+    from unroll.objective import Custom, GroupSparsity
+
     bad_heads = unroll.Network((crate_steps()[0],), width=30, heads=4, depth=1)
-    zero_step = unroll.Network((unroll.GradientStep(Compression(), step_size=-1.0, name="c"),), width=32, heads=4, depth=1)
-    for network in (bad_heads, zero_step):
-        with pytest.raises(unroll.UnrollError) as built:
+    bad_group = unroll.Network((unroll.ProximalStep(Lasso() + GroupSparsity(group=4), name="code"),),
+                               width=30, heads=3, depth=1)
+    not_scalar = unroll.Network((unroll.GradientStep(Custom("f", lambda X: X.sum(0)), name="g"),),
+                                width=32, heads=4, depth=1)
+    for network, message in ((bad_heads, "heads \\(4\\) must divide the width \\(30\\)"),
+                             (bad_group, "groups of 4 coordinates do not divide the width d = 30"),
+                             (not_scalar, "fn must return one scalar per sample")):
+        with pytest.raises(unroll.UnrollError, match=message) as built:
             unroll.build(network)
         with pytest.raises(unroll.UnrollError) as explained:
             unroll.explain(network)
         assert str(built.value) == str(explained.value)
-    assert "step_size must be a positive number, found -1.0" in str(explained.value)
+    with pytest.raises(unroll.UnrollError, match="step c: step_size: Input should be greater than 0 \\(found -1.0\\)"):
+        unroll.GradientStep(Compression(), step_size=-1.0, name="c")
 
 
 def test_one_plan_is_shared_and_immutable():

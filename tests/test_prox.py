@@ -236,6 +236,24 @@ def test_a_user_term_builds_runs_and_explains_its_prox():
         assert np.abs(x - expected).max() < 1e-6
 
 
+def test_a_user_term_in_a_sparse_coding_layer_matches_hand_written_torch():
+    """ISTA on ½‖Z - D A‖² + μ Σ_j ‖a_j‖ from the input, two iterations, written out in torch."""
+    net = network(Lasso() + TokenShrink(mu=0.3), iterations=2)
+    text = unroll.explain(net)
+    assert "(V_2 ∘ ReLU(1 - η μ (1 ⊘ ‖V_2‖_col)))" in text  # the prox as the term wrote it
+    Z = torch.randn(4, ROWS, TOKENS, dtype=torch.float64)
+    Z[0, :, 1] = 0.0
+    for layer in layers(net):
+        D = layer.steps["prox"].D.detach()
+        A = Z
+        for _ in range(2):
+            V = A - T * D.T @ (D @ A - Z)
+            norms = torch.linalg.vector_norm(V, dim=1, keepdim=True).clamp_min(1e-12)
+            A = V * torch.relu(1 - T * 0.3 / norms)
+        with torch.no_grad():
+            assert (layer(Z) - A).abs().max() < 1e-10
+
+
 @dataclass(frozen=True, eq=False)
 class Expression(Term):
     """A user term whose prox is any vocabulary expression of V (for testing the vocabulary)."""

@@ -36,7 +36,7 @@ def build(
     optimisations (same weights, same function up to rounding).
     ``checkpoint``: a safetensors file of this model's weights. ``compile``: wrap with
     ``torch.compile``; the returned module then forwards to the compiled one, and keeps
-    ``.network`` and the derived steps reachable through ``._orig_mod``.
+    ``.network`` and ``.plan`` (each layer's derived steps) reachable through ``._orig_mod``.
     """
     with located(str(recipe) if isinstance(recipe, (str, Path)) else None):
         model = lower_network(as_network(recipe), optimize)

@@ -172,6 +172,11 @@ def convert_reference(
                     tensor = rearrange(tensor, pattern, k=heads)
                 except Exception as e:
                     raise UnrollError(f"{shorten(key)}: cannot split {tuple(tensor.shape)} into {heads} heads ({str(e)[:200]})", where=where) from None
+            if attr_key in out and not torch.equal(out[attr_key], tensor):
+                # the recipe ties layers the reference trained apart: keeping one would be silent
+                raise UnrollError(f"{shorten(key)} and another reference layer both map to {attr_key}, with "
+                                  "different weights: the recipe shares one set of parameters between layers "
+                                  "the checkpoint trained separately", where=where)
             out[attr_key] = tensor
         else:
             unexpected.append(key)

@@ -64,12 +64,16 @@ def explain_step(index: int, d: DerivedStep, latex: bool = False, sizes: dict[st
     return lines
 
 
-def explain_inverse(index: int, d: DerivedStep, encoder: StackPlan, latex: bool = False,
+def explain_inverse(index: int, d: DerivedStep, encoder: StackPlan, group: int, latex: bool = False,
                     sizes: dict[str, int] | None = None) -> list[str]:
-    """A decoder step, headed by the encoder step it undoes (its computed update)."""
+    """A decoder step, headed by the encoder step it undoes (its computed update): decoder group
+    ``group`` undoes the encoder's groups in reverse order (``invert_groups``)."""
     lines = explain_step(index, d, latex, sizes)
     inverted = getattr(d.step, "inverts", None)
-    match = next(((g, i, e) for g, group in enumerate(encoder.groups, 1) for i, e in enumerate(group.steps, 1)
+    mirrored = len(encoder.groups) - 1 - group
+    candidates = [mirrored] if 0 <= mirrored < len(encoder.groups) else []
+    candidates += [g for g in range(len(encoder.groups)) if g not in candidates]
+    match = next(((g + 1, i, e) for g in candidates for i, e in enumerate(encoder.groups[g].steps, 1)
                   if e.name == inverted), None)
     if match is None:
         return lines
@@ -89,12 +93,10 @@ def _objective(group: GroupPlan, latex: bool) -> str:
 
 def _group_head(stack: StackPlan, g: int, what: str) -> str:
     """``layers 3-4 (group 2 of 2: this layer 2 times, one set of parameters)``."""
-    first = sum(x.group.repeat for x in stack.groups[:g]) + 1
     group = stack.groups[g].group
-    span = f"{what} {first}" if group.repeat == 1 else f"{what}s {first}-{first + group.repeat - 1}"
     times = "once" if group.repeat == 1 else f"{group.repeat} times"
     tie = "one set of parameters" if group.tie or group.repeat == 1 else "parameters untied"
-    return f"{span} (group {g + 1} of {len(stack.groups)}: this layer {times}, {tie})"
+    return f"{stack.spans(what)[g]} (group {g + 1} of {len(stack.groups)}: this layer {times}, {tie})"
 
 
 def explain(network: Network | Plan, latex: bool = False) -> str:
@@ -130,5 +132,5 @@ def explain(network: Network | Plan, latex: bool = False) -> str:
             if len(p.decoder.groups) > 1:
                 body += [_group_head(p.decoder, g, "decoder layer"), ""]
             for i, d in enumerate(group.steps, 1):
-                body += explain_inverse(i, d, p.encoder, latex, sizes) + [""]
+                body += explain_inverse(i, d, p.encoder, g, latex, sizes) + [""]
     return "\n".join(head + body).rstrip() + "\n"

@@ -6,7 +6,7 @@ This is what both the Python API and the recipe loader produce, and what the com
 
 from __future__ import annotations
 
-from dataclasses import KW_ONLY, dataclass, field, replace
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Annotated, Literal
 
 from pydantic import Field
@@ -16,7 +16,7 @@ from unroll.errors import UnrollError
 from unroll.fields import check_fields
 
 
-Size = Annotated[int, Field(ge=1)]
+Size = Annotated[int, Field(strict=True, ge=1)]
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
@@ -39,13 +39,12 @@ class Group:
     repeats share one set of parameters (one module applied ``repeat`` times)."""
 
     layer: tuple[Step, ...]
-    repeat: int = 1
+    repeat: Size = 1
     tie: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "layer", _steps(self.layer, "group.layer"))
-        if isinstance(self.repeat, bool) or not isinstance(self.repeat, int) or self.repeat < 1:
-            raise UnrollError(f"repeat must be a whole number at least 1, found {self.repeat!r}", field="group.repeat")
+        check_fields(self, "group")
 
 
 def _groups(layer, depth, tie: bool, layers, where: str) -> tuple[tuple[Group, ...], int]:
@@ -70,14 +69,14 @@ def _groups(layer, depth, tie: bool, layers, where: str) -> tuple[tuple[Group, .
 
 
 def _settle(obj, layer, depth, tie: bool, layers, where: str) -> None:
-    """Keep ``layer``/``depth``/``layers`` as given (so ``dataclasses.replace(network, depth=2)``
-    works) and the groups they describe beside them; with ``layers`` the depth is their total."""
-    groups, total = _groups(layer, depth, tie, layers, where)
-    object.__setattr__(obj, "_groups", groups)
+    """Check ``layer``/``depth`` or ``layers`` and keep them as given, so that
+    ``dataclasses.replace(network, depth=2)`` works; ``layers`` is stored as a tuple and, with it,
+    ``depth`` as None (the depth is the repeats' sum, :attr:`total_depth`). Nothing derived is
+    stored: a network pickled by an earlier version, without ``layers``, reads the same."""
+    _groups(layer, depth, tie, layers, where)
     if layers:
-        object.__setattr__(obj, "layers", groups)
+        object.__setattr__(obj, "layers", tuple(layers))
         object.__setattr__(obj, "depth", None)
-    object.__setattr__(obj, "_depth", total)
 
 
 @dataclass(frozen=True)
@@ -141,14 +140,14 @@ class MaskedAutoencoder:
         _settle(self, self.layer, self.depth, self.tie, self.layers, "decoder.")
         check_fields(self, "decoder")
 
-    @property
-    def groups(self) -> tuple[Group, ...]:
-        """The decoder's layers as groups (one group for ``layer`` and ``depth``)."""
-        return self._groups
+    def groups(self, tie_layers: bool = False) -> tuple[Group, ...]:
+        """The decoder's layers as groups; ``layer`` and ``depth`` make one, tied when ``tie`` or
+        the network's ``tie_layers`` says so."""
+        return _groups(self.layer, self.depth, self.tie or tie_layers, self.layers, "decoder.")[0]
 
     @property
     def total_depth(self) -> int:
-        return self._depth
+        return _groups(self.layer, self.depth, self.tie, self.layers, "decoder.")[1]
 
 
 @dataclass(frozen=True)
@@ -162,10 +161,10 @@ class Network:
 
     layer: tuple[Step, ...] | None = None
     _: KW_ONLY
-    width: int
-    heads: int
+    width: Annotated[int, Field(strict=True, ge=1)]
+    heads: Annotated[int, Field(strict=True, ge=1)]
     depth: int | None = None
-    head_dim: int | None = None
+    head_dim: Annotated[int, Field(strict=True, ge=1)] | None = None
     tie_layers: bool = False
     frontend: PatchFrontend = field(default_factory=PatchFrontend)
     head: ClassifierHead = field(default_factory=ClassifierHead)
@@ -179,31 +178,29 @@ class Network:
         if self.tie_layers and self.layer is None and self.layers:
             raise UnrollError("tie_layers applies to layer and depth; with layers, give each Group its tie",
                               field="architecture.tie_layers")
+        check_fields(self, "architecture")
         _settle(self, self.layer, self.depth, self.tie_layers, self.layers, "architecture.")
-        task = self.decoder
-        if self.tie_layers and task is not None and task.layer is not None and not task.tie:
-            # a decoder given as one layer ties its repeats like the encoder's
-            object.__setattr__(self, "decoder", replace(task, tie=True))
-        for name in ("width", "heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UnrollError(f"{name} must be a whole number at least 1, found {value!r}", field=f"architecture.{name}")
-        if self.head_dim is not None and (isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int)
-                                          or self.head_dim < 1):
-            raise UnrollError(f"head_dim must be a whole number at least 1, found {self.head_dim!r}",
-                              field="architecture.head_dim")
-        for part in (self.frontend, self.head):
-            check_fields(part, "architecture")
+        for name, kind in (("frontend", PatchFrontend), ("head", ClassifierHead), ("decoder", MaskedAutoencoder)):
+            part = getattr(self, name)
+            if not isinstance(part, kind) and not (name == "decoder" and part is None):
+                raise UnrollError(f"{name} must be a {kind.__name__}, found {type(part).__name__}", field=name)
+            if part is not None:
+                check_fields(part, "decoder" if name == "decoder" else "architecture")
 
     @property
     def groups(self) -> tuple[Group, ...]:
         """The layers as groups: one for ``layer`` and ``depth``, else ``layers``."""
-        return self._groups
+        return _groups(self.layer, self.depth, self.tie_layers, self.layers, "architecture.")[0]
+
+    @property
+    def decoder_groups(self) -> tuple[Group, ...]:
+        """The decoder's layers as groups; one given as ``layer`` ties like the encoder's."""
+        return () if self.decoder is None else self.decoder.groups(self.tie_layers)
 
     @property
     def total_depth(self) -> int:
         """Layers in all: ``depth``, or the sum of the groups' repeats."""
-        return self._depth
+        return _groups(self.layer, self.depth, self.tie_layers, self.layers, "architecture.")[1]
 
     def sizes(self) -> dict[str, int]:
         """``d``, ``K`` and ``p``; the head dimension defaults to width / heads."""

@@ -28,7 +28,7 @@ from unroll.derive.update import Update
 from unroll.errors import UnrollError
 from unroll.expr.printing import to_text
 from unroll.graph.blocks import LayerGraph, build_layer_graph
-from unroll.expr.symbols import size_value
+from unroll.expr.symbols import d as dim, m, size_value
 from unroll.network import Group, Network
 from unroll.objective.base import ParamSpec, Term, Weighted
 from unroll.relax.rules import apply_all, prune
@@ -109,6 +109,11 @@ class LayerPlan:
     steps: tuple[DerivedStep, ...]
 
 
+def span(first: int, repeat: int, what: str = "layer") -> str:
+    """``layer 3`` or ``layers 3-4``: the unrolled layers a group covers, numbered from 1."""
+    return f"{what} {first}" if repeat == 1 else f"{what}s {first}-{first + repeat - 1}"
+
+
 @dataclass(frozen=True)
 class StackPlan:
     """The layers of an encoder or a decoder, group after group."""
@@ -135,6 +140,14 @@ class StackPlan:
         """Every derived step, group after group (each group's steps once)."""
         for g in self.groups:
             yield from g.steps
+
+    def spans(self, what: str = "layer") -> list[str]:
+        """Each group's layers in words (``layers 1-2``)."""
+        out, first = [], 1
+        for g in self.groups:
+            out.append(span(first, g.group.repeat, what))
+            first += g.group.repeat
+        return out
 
 
 @dataclass(frozen=True)
@@ -165,11 +178,10 @@ def plan(network: Network) -> Plan:
     if not isinstance(network, Network):
         raise UnrollError(f"expected a unroll.Network, found {type(network).__name__}")
     try:
-        return _plan_cached(network)
-    except TypeError as e:  # something unhashable inside (a custom term's settings): plan afresh
-        if "unhashable" not in str(e):
-            raise
+        hash(network)
+    except TypeError:  # something unhashable inside (a custom term's settings): plan afresh
         return _plan(network)
+    return _plan_cached(network)
 
 
 def _plan(network: Network) -> Plan:
@@ -178,12 +190,13 @@ def _plan(network: Network) -> Plan:
     encoder = _stack(network.groups, sizes, "layer" if network.layer is not None else "layers")
     decoder = None
     if network.decoder is not None:
-        groups = network.decoder.groups
+        groups = network.decoder_groups
         decoder = _stack(groups, sizes, "decoder.layer" if network.decoder.layer is not None else "decoder.layers")
     return Plan(network, sizes, encoder, decoder)
 
 
-_plan_cached = functools.lru_cache(maxsize=32)(_plan)
+#: a few networks: a command plans one, a test suite many (each holding its custom functions)
+_plan_cached = functools.lru_cache(maxsize=8)(_plan)
 
 
 def _check_network(network: Network) -> None:
@@ -242,7 +255,7 @@ def _in_step(name: str) -> Iterator[None]:
 def _check_step(d: DerivedStep, sizes: Mapping[str, int]) -> None:
     """What only the sizes reveal, and names that would collide once lowered."""
     from unroll.lower.step import attribute_problem  # the names a lowered step keeps for itself
-    step_sizes = {**sizes, "m": d.final.expansion * sizes["d"]}
+    step_sizes = {**sizes, m.name: d.final.expansion * sizes[dim.name]}
     for w in d.parts:
         w.term.check(step_sizes)
     for u in (d.exact, d.final):

@@ -45,16 +45,11 @@ def step_rows(plan: Plan) -> list[tuple[str, str, str]]:
     with several groups (or a decoder) the step is prefixed by the layers it runs in."""
     rows = []
     for part, stack in plan.stacks():
-        what = "decoder layer" if part == "decoder" else "layer"
         several = len(stack.groups) > 1 or plan.decoder is not None
-        first = 1
-        for group in stack.groups:
-            last = first + group.group.repeat - 1
-            span = f"{what} {first}" if first == last else f"{what}s {first}-{last}"
+        for where, group in zip(stack.spans("decoder layer" if part == "decoder" else "layer"), stack.groups):
             for d in group.steps:
-                label = f"{span}: {d.name}" if several else d.name
+                label = f"{where}: {d.name}" if several else d.name
                 rows.append((label, d.exact.title, "Z⁺ = " + to_text(d.final.out)))
-            first = last + 1
     return rows
 
 

@@ -12,14 +12,16 @@ Relaxations (:mod:`unroll.relax`) are stored with the step and applied after der
 from __future__ import annotations
 
 import keyword
-import math
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
+
+from pydantic import Field
 
 import sympy as sp
 
 from unroll.derive.update import Update, merge_params
 from unroll.errors import UnrollError
+from unroll.fields import check_fields
 from unroll.expr.nodes import ReLU
 from unroll.expr.vocabulary import clamp
 from unroll.expr.symbols import SIZES, N, Z, d, m
@@ -46,12 +48,17 @@ class _Step:
                 raise UnrollError(f"relax item {i} is a {type(r).__name__}, not a relaxation (from unroll.relax)",
                                   field=f"step {self.name}")
         object.__setattr__(self, "relax", tuple(relax))
+        check_fields(self, f"step {self.name}")
+
+
+#: a step size: a positive, finite number
+StepSize = Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]
 
 
 @dataclass(frozen=True)
 class GradientStep(_Step):
     on: Objective | Term
-    step_size: float = 1.0
+    step_size: StepSize = 1.0
     name: str = "gradient"
     relax: tuple = ()
     #: for a decoder step, the name of the encoder step it undoes
@@ -61,8 +68,8 @@ class GradientStep(_Step):
 @dataclass(frozen=True)
 class ProximalStep(_Step):
     on: Objective | Term
-    step_size: float = 0.1
-    iterations: int = 1
+    step_size: StepSize = 0.1
+    iterations: Annotated[int, Field(ge=1, le=64)] = 1
     warm_start: Literal["input", "zero"] = "input"
     #: what the step outputs: the code itself, ``D A`` or ``D1 A`` with a separate dictionary D1
     decode: Literal["none", "tied", "decoupled"] = "none"
@@ -144,21 +151,15 @@ def _title(kind: str, parts) -> str:
 
 def step_constants(step: Step) -> dict[str, str]:
     """Where each constant of ``step``'s update comes from, in words (for messages)."""
-    sources = {"kappa": "the step size, step_size", "eta": "the step size, step_size"}
+    sources = {kappa.name: "the step size, step_size", eta.name: "the step size, step_size"}
     for w in _parts(step.on):
         for name in w.term.constants():
             sources.setdefault(name, f"a setting of the term {w.term.label}")
     return sources
 
 
-def _check_step_size(step) -> None:
-    size = step.step_size
-    if isinstance(size, bool) or not isinstance(size, (int, float)) or not math.isfinite(size) or size <= 0:
-        raise UnrollError(f"step_size must be a positive number, found {size!r}", field=f"step {step.name}")
-
 
 def _derive_gradient(step: GradientStep) -> Update:
-    _check_step_size(step)
     parts = _parts(step.on)
     increment, where, params = [], [], ()
     for w in parts:
@@ -307,15 +308,12 @@ def _occurrences(expr: sp.Basic, part: sp.Basic) -> int:
 
 
 def _derive_proximal(step: ProximalStep) -> Update:
-    _check_step_size(step)
     parts = _parts(step.on)
     smooth = [w for w in parts if w.term.smooth]
     nonsmooth = [w for w in parts if not w.term.smooth]
     coding = [w for w in smooth if isinstance(w.term, Lasso)]
     if len(coding) > 1:
         raise UnrollError("a proximal step can fit one dictionary, found several", field=f"step {step.name}")
-    if step.iterations < 1:
-        raise UnrollError(f"iterations must be at least 1, found {step.iterations}", field=f"step {step.name}")
     expansion = coding[0].term.expansion if coding else 1
     rows = m if coding else d
     if step.warm_start == "input" and coding and expansion != 1:

@@ -115,7 +115,7 @@ def _check_picklable(network: Network) -> None:
 
 
 def _custom_terms(network: Network) -> list[Custom]:
-    stacks = [network.groups, network.decoder.groups if network.decoder is not None else ()]
+    stacks = [network.groups, network.decoder_groups]
     ons = [step.on._as_objective() if isinstance(step.on, Term) else step.on
            for groups in stacks for group in groups for step in group.layer]
     return [w.term for on in ons for w in on.parts if isinstance(w.term, Custom)]

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from sympy import Basic, MatrixExpr
 
 from unroll.expr.nodes import HeadSum, Softmax, is_per_head
-from unroll.lower.interpret import Env, Fn, Lowering, _sum, matmul4, size_value
+from unroll.expr.symbols import Z
+from unroll.lower.interpret import CACHE, RAW, SIZES, Env, Fn, Lowering, _sum, matmul4, size_value
 from unroll.relax.tidy import matmul_factors
 
 
@@ -206,10 +207,10 @@ class OptimizedLowering(Lowering):
             if torch.is_grad_enabled() or torch.compiler.is_compiling():
                 return None
             inputs = [_dependency(env, n) for n in names]
-            precision = _precision(env["Z"])
-            # the module's own cache (env["__cache__"]): node key -> (inputs it was formed from,
+            precision = _precision(env[Z.name])
+            # the module's own cache (env[CACHE]): node key -> (inputs it was formed from,
             # factor, precision); in the closure it would be shared by every copy of the module
-            cache = env["__cache__"]
+            cache = env[CACHE]
             hit = cache.get(key)
             if hit is not None and hit[2] == precision and _unchanged(hit[0], inputs):
                 return hit[1]
@@ -426,11 +427,11 @@ def _precision(x: torch.Tensor) -> tuple:
 def _dependency(env: Env, name: str):
     """The current value of a symbol a factor is formed from: a weight, a constant, a scalar
     binding computed this call (which may depend on the token count), or a size."""
-    if name in env["__raw__"]:
-        return env["__raw__"][name]
+    if name in env[RAW]:
+        return env[RAW][name]
     if name in env:
         return env[name]
-    return env["__sizes__"].get(name)
+    return env[SIZES].get(name)
 
 
 def _snapshot(value):

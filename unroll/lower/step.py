@@ -33,11 +33,13 @@ def init_param(spec: ParamSpec, sizes: dict[str, int]) -> torch.Tensor:
 
 def attribute_problem(name: str) -> str | None:
     """Why a parameter or constant cannot be stored under ``name`` on a lowered step, or None."""
-    if name.startswith("_") or hasattr(LoweredStep, name) or name in STEP_ATTRIBUTES:
+    if name.startswith("_") or hasattr(LoweredStep, name) or name in STEP_ATTRIBUTES or name in _MODULE_ATTRIBUTES:
         return f"{name!r} is taken by the lowered step (an attribute of torch modules or of unroll's steps)"
     return None
 
 
+#: what every torch module sets on itself (``training``...)
+_MODULE_ATTRIBUTES = frozenset(vars(nn.Module()))
 #: what a lowered step stores besides its parameters and constants
 STEP_ATTRIBUTES = frozenset({"update_name", "title", "update_text", "sizes", "specs", "constant_names",
                              "smooth_grads", "bindings", "optimized", "rows", "program", "result", "factor_cache"})

@@ -27,11 +27,6 @@ from unroll.objective.base import Term
 Bound = Annotated[float | None, Field(ge=-1e6, le=1e6)]
 
 
-class BoxError(UnrollError, ValueError):
-    """Bounds in the wrong order: an UnrollError for the Python API, and a ValueError so that a
-    recipe's validation reports it as an error in the term's arguments."""
-
-
 @dataclass(frozen=True, eq=False)
 class Box(Term):
     """The indicator of ``lo <= Z_ij <= hi``; a None bound is absent."""
@@ -47,7 +42,7 @@ class Box(Term):
     def __post_init__(self):
         super().__post_init__()
         if self.lo is not None and self.hi is not None and not self.lo < self.hi:
-            raise BoxError(f"box: lo must be below hi, found lo = {self.lo}, hi = {self.hi}")
+            raise UnrollError(f"box: lo must be below hi, found lo = {self.lo}, hi = {self.hi}")
 
     def bounds(self) -> tuple[sp.Expr, sp.Expr]:
         lo = -sp.oo if self.lo is None else sp.Symbol("lo")

@@ -31,13 +31,13 @@ import torch
 
 from unroll.errors import UnrollError, excerpt
 from unroll.expr.nodes import SmoothGrad
-from unroll.expr.symbols import SIZES, size_value
+from unroll.expr.symbols import SIZES, Z, size_value
 from unroll.objective.base import Gradient, ParamSpec, Term
 
 #: initialisations: U(±1/sqrt(fan_in)) as torch.nn.Linear, U(±sqrt(6/fan_in)), constants
 INITS = ("uniform", "kaiming", "zeros", "ones")
 #: names a parameter cannot take: the sizes and the step's input
-_TAKEN = frozenset({*SIZES, "Z"})
+_TAKEN = frozenset({*SIZES, Z.name})
 #: the shape the probe of ``fn`` gives one sample: a few tokens are enough to see a non-scalar
 _PROBE_TOKENS = 3
 
@@ -135,13 +135,16 @@ class Custom(Term):
         return torch.func.vmap(self._call(), in_dims=(0,) + (None,) * len(values))(Z.mT, *values)
 
     def check(self, sizes: dict[str, int]) -> None:
-        """Call ``fn`` once on one sample of a few random tokens: it must return one scalar."""
+        """Call ``fn`` once on one sample of a few tokens: it must return one scalar. The probe
+        is made of fixed values in torch's default dtype, so it leaves the random state alone
+        (a seeded build stays reproducible) and meets tensors ``fn`` holds in their dtype."""
+        dtype = torch.get_default_dtype()
         values = []
         for q in self.specs:
             shape = ((sizes["K"],) if q.per_head else ()) + tuple(
                 size_value(x, sizes) for x in ((q.rows,) if q.is_vector else (q.rows, q.cols)))
-            values.append(torch.randn(shape, dtype=torch.float64))
-        X = torch.randn(_PROBE_TOKENS, sizes["d"], dtype=torch.float64)
+            values.append(_probe(shape, dtype))
+        X = _probe((_PROBE_TOKENS, sizes["d"]), dtype)
         try:
             out = self._call()(X, *values)
         except Exception as e:  # the user's code: say which term failed on what
@@ -152,3 +155,11 @@ class Custom(Term):
             found = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
             raise UnrollError(f"custom term {self.name}: fn must return one scalar per sample (a 0-dim tensor), "
                               f"found {found} for tokens of shape ({_PROBE_TOKENS}, {sizes['d']})")
+
+
+def _probe(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Distinct values in [-1, 1], the same on every call."""
+    count = 1
+    for n in shape:
+        count *= n
+    return torch.linspace(-1, 1, count, dtype=dtype).reshape(shape)

@@ -379,9 +379,11 @@ class Recipe(_Strict):
                                  f"at most {MAX_LAYER_ITERATIONS}")
         unrolled = sum(repeat * sum(step.iterations for step in steps) for steps, repeat, _ in self.groups)
         if self.decoder is not None:
-            if self.decoder.layer == "invert":
-                depth = self.decoder.depth or self.encoder_depth
-                unrolled += depth * max(sum(step.iterations for step in steps) for steps, _, _ in self.groups)
+            if self.decoder.layer == "invert" and len(self.groups) > 1:  # each group undone as often
+                unrolled += sum(repeat * sum(step.iterations for step in steps) for steps, repeat, _ in self.groups)
+            elif self.decoder.layer == "invert":
+                steps, repeat, _ = self.groups[0]
+                unrolled += (self.decoder.depth or repeat) * sum(step.iterations for step in steps)
             else:
                 unrolled += self.decoder.depth * sum(step.iterations for step in self.decoder.layer)
         if unrolled > MAX_UNROLLED:
