@@ -102,6 +102,8 @@ def test_vector_and_numeric_shapes():
      "'rows' is taken by the lowered step"),
     (lambda: Custom("clash", lambda X, beta: (X @ beta).sum(), params=(Param("beta", ("d",)),)),
      "beta names both a parameter and a constant or intermediate result"),
+    (lambda: Custom("clash", lambda X, training: (X @ training).sum(), params=(Param("training", ("d",)),)),
+     "'training' is taken by the lowered step"),
 ])
 def test_mistakes_in_a_custom_term_are_named(make, message):
     relax = (Neumann(), CompleteSubspaces(), SoftmaxSimilarity(), UntieOutput(), Residual())
@@ -153,3 +155,38 @@ def test_constants_the_relaxations_remove_are_reported(capsys, tmp_path):
     assert "ε = 0.25 (a setting of the term R^c) has no effect" in capsys.readouterr().out
     assert main(["build", "recipes/crate_digits.yaml", *change, "--out", str(tmp_path)]) == 0
     assert "step compress: ε = 0.25 (a setting of the term R^c) has no effect" in capsys.readouterr().err
+
+
+def test_a_seeded_build_is_reproducible_and_the_probe_meets_float32_closures():
+    """Planning calls fn once on fixed values in the default dtype: no random draw, no float64."""
+    W = torch.randn(16, 16)  # float32, captured
+    term = Custom("closure", lambda X: ((X @ W) ** 2).sum())
+    states = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        net = network(depth=1, term=Custom("closure", lambda X: ((X @ W) ** 2).sum()))  # a new plan each time
+        states.append(unroll.build(net).state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert unroll.build(network(depth=1, term=term)) is not None
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: __import__("unroll.objective", fromlist=["L1"]).L1(lam="0.1"), "term l1: lam: Input should be a valid number"),
+    (lambda: __import__("unroll.objective", fromlist=["GroupSparsity"]).GroupSparsity(group=4.0),
+     "group: Input should be a valid integer"),
+    (lambda: unroll.ProximalStep(Compression(), iterations="2"), "iterations: Input should be a valid integer"),
+    (lambda: unroll.ProximalStep(Compression(), warm_start="bogus"), "warm_start: Input should be 'input' or 'zero'"),
+    (lambda: unroll.Network((unroll.GradientStep(Compression()),), width=16, heads=2, depth=1, head="x"),
+     "head must be a ClassifierHead, found str"),
+    (lambda: unroll.Network((unroll.GradientStep(Compression()),), width=16, heads=2, depth=1, tie_layers="yes"),
+     "tie_layers: Input should be a valid boolean"),
+])
+def test_values_of_the_wrong_kind_are_refused_where_they_are_given(make, message):
+    with pytest.raises(unroll.UnrollError, match=message):
+        make()
+
+
+def test_an_int_given_for_a_float_is_stored_as_a_float():
+    from unroll.objective import L1
+
+    assert type(L1(lam=1).lam) is float

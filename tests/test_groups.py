@@ -137,6 +137,11 @@ def test_a_decoder_inverting_several_groups_undoes_them_in_reverse_order(tmp_pat
     encoder_names = [s["name"] for s in layer]
     assert decoder == [(1, [f"inverse_{encoder_names[0]}"]),
                        (2, [f"inverse_{n}" for n in reversed(encoder_names)])]
+    text = unroll.explain(network)
+    decoder_text = text[text.index("decoder: 3 layers"):]
+    first = decoder_text[:decoder_text.index("decoder layers 2-3")]
+    assert "decoder layer 1 (group 1 of 2" in first
+    assert f"undoes encoder group 2, step 1 · {encoder_names[0]}" in first  # the mirrored group, not group 1
     model = unroll.build(path)
     loss, prediction, mask = model(torch.rand(2, 3, 32, 32))
     assert torch.isfinite(loss) and prediction.shape == (2, 16, 8 * 8 * 3)

@@ -186,3 +186,26 @@ def test_nonfinite_names_lists_at_most_five():
     assert names == [f"w{i}" for i in range(1, 16, 2)]
     assert name_list(names) == "w1, w3, w5, w7, w9 and 3 more"
     assert name_list(names[:5]) == "w1, w3, w5, w7, w9"
+
+
+def test_a_network_pickled_before_groups_existed_still_plans_and_builds():
+    """Networks of the previous version had no ``layers`` field: unpickling restores only the
+    fields it had, so nothing derived may be kept outside the fields."""
+    net = built("classifier").network
+    state = dict(net.__dict__)
+    del state["layers"]  # as pickled by unroll before networks of several groups
+    old = unroll.Network.__new__(unroll.Network)
+    old.__dict__.update(state)
+    assert old.groups[0].repeat == net.depth and old.total_depth == net.depth
+    model = unroll.build(old)
+    assert model.state_dict().keys() == built("classifier").state_dict().keys()
+
+
+def test_replace_changes_the_depth_and_the_decoder_follows_tie_layers():
+    import dataclasses
+
+    net = built("autoencoder").network
+    deeper = dataclasses.replace(net, depth=net.depth + 1)
+    assert deeper.total_depth == net.depth + 1 and len(unroll.build(deeper).encoder.layers) == net.depth + 1
+    tied = dataclasses.replace(net, tie_layers=True)
+    assert tied.decoder_groups[0].tie and not dataclasses.replace(tied, tie_layers=False).decoder_groups[0].tie

@@ -121,6 +121,18 @@ def test_convert_rejects_a_mae_checkpoint_with_a_stray_key(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_convert_refuses_to_merge_layers_a_tied_recipe_shares(tmp_path, capsys):
+    """The reference trains every layer apart; a recipe that ties them would keep one silently."""
+    reference = random_alpha_state_dict(Config(), seed=5)
+    recipe = small_recipe(tmp_path, "crate_alpha_b16", ["architecture.classes=10", "architecture.tie_layers=true"])
+    out = tmp_path / "out.safetensors"
+    torch.save({"model": {f"module.{k}": v for k, v in reference.items()}}, tmp_path / "reference.pth")
+    assert main(["convert", str(recipe), str(tmp_path / "reference.pth"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "both map to encoder.layers.0.steps." in err and "shares one set of parameters" in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("name", ["crate_alpha_b16", "crate_mae_base"])
 def test_torch_compile_fullgraph_agrees_with_eager(name):
     extra = ["decoder.depth=1"] if "mae" in name else ["architecture.classes=10"]

@@ -18,19 +18,23 @@ import torch
 from einops import rearrange
 
 from unroll.checkpoint import check_state, save_weights
+from unroll.derive.steps import DECODING, SYNTHESIS
 from unroll.errors import UnrollError, shorten
 from unroll.finite import name_list
 from unroll.files import output_folder
+from unroll.objective.compression import SUBSPACES
+from unroll.objective.lasso import DICTIONARY
+from unroll.relax.rules import NORM_BIAS, NORM_WEIGHT, OUTPUT, OUTPUT_BIAS
 
-# per-layer reference key suffix -> (step index in the layer, parameter, einops pattern or None)
+# per-layer reference key suffix -> (step index in the layer, parameter, einops pattern or None);
+# the parameters by the names the terms and relaxations that define them export
+_NORM = {"norm.weight": NORM_WEIGHT.attr, "norm.bias": NORM_BIAS.attr}
 _MSSA = {
-    "norm.weight": "norm_weight",
-    "norm.bias": "norm_bias",
-    "fn.qkv.weight": ("U", "(k p) d -> k d p"),
-    "fn.to_out.0.weight": ("O", "d (k p) -> k d p"),
-    "fn.to_out.0.bias": "b",
+    **_NORM,
+    "fn.qkv.weight": (SUBSPACES.attr, "(k p) d -> k d p"),
+    "fn.to_out.0.weight": (OUTPUT.attr, "d (k p) -> k d p"),
+    "fn.to_out.0.bias": OUTPUT_BIAS.attr,
 }
-_NORM = {"norm.weight": "norm_weight", "norm.bias": "norm_bias"}
 
 
 def _step(index: int, table: dict) -> dict[str, tuple[int, str, str | None]]:
@@ -71,7 +75,7 @@ CRATE = Layout(
         "to_patch_embedding.3.bias": "frontend.embed_norm.bias",
         **_HEAD,
     },
-    ((r"transformer\.layers\.(\d+)\.", "encoder", {**_step(0, _MSSA), **_step(1, {**_NORM, "fn.weight": "D"})}),),
+    ((r"transformer\.layers\.(\d+)\.", "encoder", {**_step(0, _MSSA), **_step(1, {**_NORM, "fn.weight": DICTIONARY.attr})}),),
 )
 CRATE_ALPHA = Layout(
     "CRATE-alpha",
@@ -83,7 +87,7 @@ CRATE_ALPHA = Layout(
         "conv1.bias": "frontend.proj.bias",
         **_HEAD,
     },
-    ((r"transformer\.layers\.(\d+)\.", "encoder", {**_step(0, _MSSA), **_step(1, {**_NORM, "fn.D": "D", "fn.D1": "D1"})}),),
+    ((r"transformer\.layers\.(\d+)\.", "encoder", {**_step(0, _MSSA), **_step(1, {**_NORM, "fn.D": DICTIONARY.attr, "fn.D1": DECODING.attr})}),),
 )
 CRATE_MAE = Layout(
     "CRATE-MAE",
@@ -102,8 +106,8 @@ CRATE_MAE = Layout(
         "decoder_pred.bias": "decoder_pred.bias",
     },
     (
-        (r"blocks\.(\d+)\.layers\.0\.", "encoder", {**_step(0, _MSSA), **_step(1, {**_NORM, "fn.weight": "D"})}),
-        (r"decoder_blocks\.(\d+)\.layers\.0\.", "decoder", {**_step(0, {**_NORM, "fn.weight": "D"}), **_step(1, _MSSA)}),
+        (r"blocks\.(\d+)\.layers\.0\.", "encoder", {**_step(0, _MSSA), **_step(1, {**_NORM, "fn.weight": DICTIONARY.attr})}),
+        (r"decoder_blocks\.(\d+)\.layers\.0\.", "decoder", {**_step(0, {**_NORM, "fn.weight": SYNTHESIS.attr}), **_step(1, _MSSA)}),
     ),
     unused=("pos_embed", "decoder_embed.weight", "decoder_embed.bias"),
 )

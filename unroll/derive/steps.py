@@ -30,6 +30,10 @@ from unroll.objective.lasso import DICTIONARY, Lasso
 from unroll.objective.sparsity import L1, NonNegative, lam
 
 kappa, eta = sp.symbols("kappa eta", positive=True)
+#: the dictionary that decodes a code back to the width (``decode: decoupled``)
+DECODING = ParamSpec("D1", d, m, ("kaiming", m), "decoding dictionary")
+#: the synthesis step's own dictionary (it reads a code of width d)
+SYNTHESIS = ParamSpec("D", d, d, ("kaiming", d), "synthesis dictionary, untied from the encoder's")
 
 
 class _Step:
@@ -350,9 +354,8 @@ def _derive_proximal(step: ProximalStep) -> Update:
     if step.decode == "tied":
         out = DICTIONARY.symbol * out
     elif step.decode == "decoupled":
-        decoder = ParamSpec("D1", d, m, ("kaiming", m), "decoding dictionary")
-        out = decoder.symbol * out
-        params = merge_params(params, (decoder,))
+        out = DECODING.symbol * out
+        params = merge_params(params, (DECODING,))
     constants = _constants(step.name, [w.term for w in parts], {"eta": step.step_size})
     return Update(
         name=step.name,
@@ -375,7 +378,7 @@ def _derive_synthesis(step: SynthesisStep) -> Update:
             f"a synthesis step reads a code of width d, this dictionary has {coding[0].expansion}x atoms",
             field=f"step {step.name}",
         )
-    synthesis = ParamSpec("D", d, d, ("kaiming", d), "synthesis dictionary, untied from the encoder's")
+    synthesis = SYNTHESIS
     return Update(
         name=step.name,
         title="synthesis of the signal from its sparse code",

@@ -51,7 +51,7 @@ class Compression(Term):
 
     def value(self, Z: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per sample, ``Z`` of shape (B, d, N); ``params["U"]`` of shape (K, d, p)."""
-        U = params["U"]
+        U = params[SUBSPACES.attr]
         n, dim_head = Z.shape[-1], U.shape[-1]
         b = dim_head / (n * self.eps**2)
         W = U.mT.unsqueeze(0) @ Z.unsqueeze(1)  # (B, K, p, N)

@@ -67,7 +67,7 @@ class DenoisingScore(Term):
     def value(self, Z: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """``-Σ_j log p_t(z_j)`` per sample, with the mixture's full covariances
         ``U_k U_k^T + t^2 I`` (so it holds for any U, orthonormal or not). ``Z``: (B, d, N)."""
-        U = params["U"]  # (K, d, p)
+        U = params[SUBSPACES.attr]  # (K, d, p)
         heads, dim = U.shape[0], U.shape[1]
         eye = torch.eye(dim, dtype=Z.dtype, device=Z.device)
         cov = U @ U.mT + self.noise**2 * eye  # (K, d, d)

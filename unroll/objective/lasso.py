@@ -40,4 +40,4 @@ class Lasso(Term):
 
     def value(self, A: torch.Tensor, params: dict[str, torch.Tensor], data: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """Per sample; ``A`` (B, m, N), ``data`` (B, d, N), ``params["D"]`` (d, m)."""
-        return 0.5 * (data - params["D"] @ A).pow(2).flatten(1).sum(-1)
+        return 0.5 * (data - params[DICTIONARY.attr] @ A).pow(2).flatten(1).sum(-1)

@@ -182,6 +182,11 @@ class SoftmaxSimilarity(_Rule):
         return u.evolve(out=out, where=where, constants=constants, notes=_note(u, self.name))
 
 
+#: what ``untie_output`` introduces: the learned output operator and its bias
+OUTPUT = ParamSpec("O_k", d, p, ("uniform", K * p), "output operator, untied from U")
+OUTPUT_BIAS = ParamSpec("b", d, 1, ("uniform", K * p), "output bias")
+
+
 @dataclass(frozen=True)
 class UntieOutput(_Rule):
     """Replace the output operator ``c [U_1 ... U_K]`` by learned blocks ``[O_1 ... O_K]``
@@ -198,7 +203,7 @@ class UntieOutput(_Rule):
         return "c Σ_k U_k X_k → sign(c) (Σ_k O_k X_k" + (" + b 1ᵀ)" if self.bias else ")")
 
     def apply(self, u: Update) -> Update:
-        O = ParamSpec("O_k", d, p, ("uniform", K * p), "output operator, untied from U")
+        O = OUTPUT
         terms, signs = [], []
         for t in _terms(u.out):
             match = _head_sum_of_subspaces(t)
@@ -214,7 +219,7 @@ class UntieOutput(_Rule):
             raise _fail(u, self.name, f"expected one output operator Σ_k U_k (...), found {len(signs)}")
         params = (O,)
         if self.bias:
-            b = ParamSpec("b", d, 1, ("uniform", K * p), "output bias")
+            b = OUTPUT_BIAS
             terms.append(signs[0] * b.symbol * sp.OneMatrix(1, N))
             params += (b,)
         out = sp.MatAdd(*terms)
