@@ -68,25 +68,32 @@ class Softmax(_Unary):
         return r"%s\left(%s\right)" % (name, printer._print(self.arg))
 
 
-class HeadSoftmax(_Unary):
+class _Function(_Unary):
+    """An entrywise (or per-token) function of one matrix, printed ``name(X)``."""
+
+    text_name: str
+    latex_name: str
+
+    def _sympystr(self, printer) -> str:
+        return f"{self.text_name}({printer._print(self.arg)})"
+
+    def _latex(self, printer) -> str:
+        return r"%s\left(%s\right)" % (self.latex_name, printer._print(self.arg))
+
+
+class HeadSoftmax(_Function):
     r"""``softmax_k(E_k)``: for each token, a softmax over the K heads of the per-head row
     ``E_k`` (1 x N); the result is head k's share. It is only meaningful per head."""
 
-    def _sympystr(self, printer) -> str:
-        return f"softmax_k({printer._print(self.arg)})"
-
-    def _latex(self, printer) -> str:
-        return r"\operatorname{softmax}_{k}\left(%s\right)" % printer._print(self.arg)
+    text_name = "softmax_k"
+    latex_name = r"\operatorname{softmax}_{k}"
 
 
-class ReLU(_Unary):
+class ReLU(_Function):
     r"""``max(X, 0)`` entrywise: the projection onto the non-negative orthant."""
 
-    def _sympystr(self, printer) -> str:
-        return f"ReLU({printer._print(self.arg)})"
-
-    def _latex(self, printer) -> str:
-        return r"\operatorname{ReLU}\left(%s\right)" % printer._print(self.arg)
+    text_name = "ReLU"
+    latex_name = r"\operatorname{ReLU}"
 
 
 class SoftThreshold(_Unary):
@@ -109,14 +116,11 @@ class SoftThreshold(_Unary):
         )
 
 
-class Sign(_Unary):
+class Sign(_Function):
     r"""``sign(X)`` entrywise: -1, 0 or 1 (its derivative is 0 almost everywhere)."""
 
-    def _sympystr(self, printer) -> str:
-        return f"sign({printer._print(self.arg)})"
-
-    def _latex(self, printer) -> str:
-        return r"\operatorname{sign}\left(%s\right)" % printer._print(self.arg)
+    text_name = "sign"
+    latex_name = r"\operatorname{sign}"
 
 
 class AbsValue(_Unary):
