@@ -237,6 +237,36 @@ class Divide(MatrixExpr):
         return r"\left(%s \oslash %s\right)" % tuple(printer.parenthesize(a, PRECEDENCE["Pow"]) for a in self.args)
 
 
+class PrefixSum(_Function):
+    r"""Prefix sums over the tokens: ``cumsum(X)_{ij} = \sum_{j' \le j} X_{ij'}`` (tokens are
+    columns), so that column j depends on tokens 1..j only: the causal form of a statistic."""
+
+    text_name = "cumsum"
+    latex_name = r"\operatorname{cumsum}"
+
+
+class LeadingColumns(_Unary):
+    r"""``X[:, :n]``: the first ``n`` columns of X, for a parameter stored for the longest
+    sequence (``block_size`` columns) and read for the ``n = N`` tokens of the input."""
+
+    def __new__(cls, arg: MatrixExpr, count: sp.Expr):
+        return Basic.__new__(cls, sp.sympify(arg), sp.sympify(count))
+
+    @property
+    def count(self) -> sp.Expr:
+        return self.args[1]
+
+    @property
+    def shape(self):
+        return (self.args[0].shape[0], self.count)
+
+    def _sympystr(self, printer) -> str:
+        return f"{printer._print(self.arg)}[:{printer._print(self.count)}]"
+
+    def _latex(self, printer) -> str:
+        return r"%s_{[:%s]}" % (printer._print(self.arg), printer._print(self.count))
+
+
 class LayerNorm(_Unary):
     r"""Normalise each column (token) to zero mean and unit variance, then scale and shift:
     ``LN(X)_{:,j} = gamma * (x_j - mean(x_j)) / sqrt(var(x_j) + eps) + b``.

@@ -14,7 +14,7 @@ import sympy as sp
 
 from unroll.expr.nodes import HeadSoftmax, HeadSum, LayerNorm, ReLU, SmoothGrad, Softmax, SoftThreshold, is_per_head
 
-from unroll.expr.nodes import NORM_FLOOR, AbsValue, Clamp, Divide, Norm, Sign
+from unroll.expr.nodes import NORM_FLOOR, AbsValue, Clamp, Divide, LeadingColumns, Norm, PrefixSum, Sign
 
 Array = np.ndarray
 Binding = tuple[sp.MatrixSymbol, sp.MatrixExpr]
@@ -156,6 +156,10 @@ class _Evaluator:
             return _norms(self.ev(e.arg, k), e.kind, e.group)
         if isinstance(e, Divide):
             return self.ev(e.args[0], k) / self.ev(e.args[1], k)
+        if isinstance(e, PrefixSum):
+            return np.cumsum(self.ev(e.arg, k), axis=1)
+        if isinstance(e, LeadingColumns):
+            return self.ev(e.arg, k)[:, : self.size(e.count)]
         if isinstance(e, LayerNorm):
             x = self.ev(e.arg, k)
             mean = x.mean(axis=0, keepdims=True)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from unroll.expr.symbols import Z, size_value  # noqa: F401  (size_value: re-exported for the lowerings)
 from unroll.expr.nodes import HeadSoftmax, HeadSum, LayerNorm, ReLU, SmoothGrad, Softmax, SoftThreshold, is_per_head
-from unroll.expr.nodes import NORM_FLOOR, AbsValue, Clamp, Divide, Norm, Sign
+from unroll.expr.nodes import NORM_FLOOR, AbsValue, Clamp, Divide, LeadingColumns, Norm, PrefixSum, Sign
 
 Env = dict  # symbol name -> value, plus the entries below
 #: the keys of an env that are not symbols (dunder names, which no symbol can take)
@@ -225,6 +225,23 @@ class Lowering:
     def _Divide(self, e: Divide):
         num, den = self.matrix(e.args[0]), self.matrix(e.args[1])
         return lambda env: num(env) / den(env)
+
+    def _PrefixSum(self, e: PrefixSum):
+        inner = self.matrix(e.arg)
+        tokens = -2 if self.transposed else -1  # the axis of the tokens in this layout
+        return lambda env: torch.cumsum(inner(env), dim=tokens)
+
+    def _LeadingColumns(self, e: LeadingColumns):
+        inner, count = self.matrix(e.arg), self.scalar(e.count)
+        axis = -2 if self.transposed else -1  # columns are held as rows when transposed
+
+        def leading(env):
+            x, n = inner(env), int(count(env))
+            if n > x.shape[axis]:  # slicing would silently return fewer columns
+                raise ValueError(f"{n} tokens, but {e.arg} holds {x.shape[axis]} positions (its block_size)")
+            return x.narrow(axis, 0, n)
+
+        return leading
 
     def _LayerNorm(self, e: LayerNorm):
         inner, eps = self.matrix(e.arg), float(e.eps)

@@ -16,13 +16,20 @@ from unroll.relax.rules import (
     UntieOutput,
     apply_all,
 )
+from unroll.relax.tost import TOST_RELAXATIONS, NormalizedMemberships, ProjectionBias, ReciprocalGain
+
+# ToST's relaxations live in their own module; registered here so that recipes can name them
+RELAXATIONS.update({cls.name: cls for cls in TOST_RELAXATIONS})
 
 __all__ = [
     "RELAXATIONS",
     "CompleteSubspaces",
     "Learnable",
     "Neumann",
+    "NormalizedMemberships",
     "PreNorm",
+    "ProjectionBias",
+    "ReciprocalGain",
     "Relaxation",
     "Residual",
     "SoftmaxSimilarity",
