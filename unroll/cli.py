@@ -1,4 +1,4 @@
-"""``unroll build | explain | convert | bench | train | measure | attention``: the command line.
+"""``unroll build | explain | convert | bench | train | construct | measure | attention``: the command line.
 
 It behaves like a Unix tool: a usage mistake prints the usage and exits 2, a mistake in the input
 (a recipe, a checkpoint, an image, an output folder) prints ``error: <where>: <what>`` and exits 2,
@@ -241,6 +241,28 @@ def train(
     if rows and int(os.environ.get("RANK", "0")) == 0:
         last = rows[-1]
         print(f"epoch {last['epoch']}: val_acc {last['val_acc']:.4f}, val_loss {last['val_loss']:.4f}; wrote {folder}")
+
+
+@app.command()
+def construct(
+    recipe: RecipeArg,
+    data: Annotated[Optional[str], typer.Option(help="digits, mixtures, or an ImageFolder directory", show_default="the recipe's training.data")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="output folder", show_default="runs/<recipe name>")] = None,
+    max_memory: MaxMemory = 16.0,
+    set: SetOpt = None,
+) -> None:
+    """Compute the network layer by layer from labelled training data (forward construction, ReduNet): no backpropagation."""
+    from unroll.construct import METRICS, construct_recipe
+
+    folder, rows, seconds = construct_recipe(recipe, data, out, set or [], max_memory)
+    table = Table(title=f"{recipe.name}: ΔR of the training features and nearest-subspace accuracy, layer by layer (0: the input)")
+    for key in METRICS:
+        table.add_column(key, justify="right")
+    for row in rows:
+        table.add_row(*(f"{row[k]:.4f}" if isinstance(row[k], float) else str(row[k]) for k in METRICS))
+    console.print(table)
+    print(f"held-out accuracy (nearest subspace): {rows[0]['val_acc']:.4f} on the input, {rows[-1]['val_acc']:.4f} after "
+          f"{len(rows) - 1} layers; ΔR {rows[0]['delta_R']:.3f} -> {rows[-1]['delta_R']:.3f}; wrote {folder} ({seconds:.1f} s)")
 
 
 def _built(recipe: Path, checkpoint: Optional[Path], overrides: list[str], max_memory: float, batch: int = 1,

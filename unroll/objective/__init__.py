@@ -6,6 +6,7 @@
 
 from unroll.objective.base import Objective, ParamSpec, Term, Weighted
 from unroll.objective.box import Box
+from unroll.objective.class_rate import ClassRate
 from unroll.objective.coding_rate import CodingRate
 from unroll.objective.compression import Compression
 from unroll.objective.custom import Custom, Param
@@ -15,9 +16,11 @@ from unroll.objective.group_sparsity import GroupSparsity
 from unroll.objective.lasso import Lasso
 from unroll.objective.sparsity import L1, NonNegative
 from unroll.objective.unit_norm import UnitNorm
+from unroll.objective.variational import VariationalCompression
 
 __all__ = [
     "Box",
+    "ClassRate",
     "CodingRate",
     "Compression",
     "Custom",
@@ -32,5 +35,6 @@ __all__ = [
     "ParamSpec",
     "Term",
     "UnitNorm",
+    "VariationalCompression",
     "Weighted",
 ]

@@ -20,7 +20,8 @@ from unroll.derive.inverse import invert_groups, invert_layer
 from unroll.derive.steps import GradientStep, ProximalStep, SynthesisStep, step_name_problem
 from unroll.network import ClassifierHead, Group, MaskedAutoencoder, Network, PatchFrontend
 from unroll.objective import CodingRate, Compression, DenoisingScore, L1, Lasso, NonNegative, Objective, Weighted
-from unroll.objective import Box, ElasticNet, GroupSparsity, UnitNorm
+from unroll.objective import Box, ElasticNet, GroupSparsity, UnitNorm, VariationalCompression
+from unroll.objective import ClassRate
 from unroll.errors import excerpt
 from unroll.relax.rules import RELAXATIONS
 
@@ -35,6 +36,8 @@ TERMS: dict[str, type] = {
     "group_sparsity": GroupSparsity,
     "box": Box,
     "unit_norm": UnitNorm,
+    "class_rate": ClassRate,
+    "variational_compression": VariationalCompression,
 }
 
 
@@ -284,6 +287,13 @@ class Training(_Strict):
     shift: int = Field(0, ge=0, le=64)
 
 
+class Construct(_Strict):
+    """How ``unroll construct`` computes the network from data (forward construction, ReduNet):
+    the nearest-subspace classifier keeps ``components`` principal directions per class."""
+
+    components: int = Field(12, ge=1, le=MAX_WIDTH)
+
+
 class Recipe(_Strict):
     name: str = Field(description="letters, digits, '.', '_' and '-': it names the output folder")
     description: str = Field("", max_length=10_000)
@@ -295,6 +305,8 @@ class Recipe(_Strict):
     layers: list[GroupSpec] | None = Field(None, min_length=1, max_length=MAX_GROUPS)
     decoder: Decoder | None = None
     training: Training = Field(default_factory=Training)
+    #: only read by ``unroll construct`` (absent: its defaults)
+    construction: Construct | None = None
 
     @field_validator("name")
     @classmethod
