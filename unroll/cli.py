@@ -92,7 +92,7 @@ def build(
     from unroll.files import output_folder, text_writer, write_files
     from unroll.lower.model import lower_network
     from unroll.recipe import recipe_yaml
-    from unroll.summary import flops_per_sample, layout, parameter_count, step_rows
+    from unroll.summary import data_constant_count, flops_per_sample, layout, parameter_count, step_rows
 
     start = time.perf_counter()
     resolved, network = _within_budget(recipe, set or [], max_memory, optimize=optimize)
@@ -108,6 +108,9 @@ def build(
     for step, unused in model.plan.unused():
         note(f"step {step}: {unused.describe()}")
     console.print(f"parameters: {parameter_count(model):,}")
+    if constants := data_constant_count(model):
+        console.print(f"data constants: {constants:,} (buffers computed from training data by unroll construct; "
+                      "zeros until then)")
     console.print(f"FLOPs per sample (forward): {flops_per_sample(model) / 1e9:,.2f} GFLOP")
     if compile:
         spec = model.network.frontend

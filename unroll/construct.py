@@ -1,31 +1,35 @@
 r"""Forward construction (ReduNet): a network computed layer by layer from labelled training data,
 in closed form, with no backpropagation.
 
-**Data constants.** A term may declare constants computed from the training features and labels
-instead of learned: it provides
+**The network is the compiler's.** :class:`ConstructedNetwork` is the lowered network of
+``unroll build`` (the plain lowering, float64): the same front end, the same derived steps
+(:class:`~unroll.lower.step.LoweredStep`) that ``unroll explain`` prints. Construction only
+fills the steps' **data constants** and replaces the classifier by a nearest-subspace one.
 
-- ``fit(Z, labels, classes) -> dict[str, Tensor]``: the constants, from the training features
-  ``Z`` (d, m), one sample per column, and their labels (m,);
-- ``constant_shapes(d, classes) -> dict[str, tuple]``: their shapes (to rebuild a stored network
-  empty and load it);
-- ``data_gradient(Z, constants) -> Tensor``: the term's gradient at ``Z`` (..., d, N) as a
-  single sample sees it (each column on its own), the constants standing in for the data.
+**Data constants.** A term declares constants computed from the training features instead of
+learned by giving them, in its symbolic ``gradient``, as :class:`~unroll.objective.base.ParamSpec`
+with ``init=("data",)`` (the lowered step keeps them as persistent buffers, zeros until filled),
+and by providing
 
-:class:`~unroll.objective.ClassRate` (ReduNet's ΔR) is one; a term of your own with these three
-methods works the same way (:func:`construct` takes any :class:`~unroll.network.Network`).
+- ``fit(Z, labels, classes) -> dict[str, Tensor]``: their values from the training features
+  ``Z`` (d, m), one sample per column, and their labels (m,), by the step's attribute names
+  (``C_k`` -> ``C``, (K, ...)).
 
-**The network.** A parameter-free front end flattens each image to one vector of width
-``d = channels × image_size²`` and normalises it onto the sphere; each image is one column
-(token). Each layer runs the network's steps in order:
+:class:`~unroll.objective.ClassRate` (ReduNet's ΔR, the classes as heads) is one; a term of your
+own written the same way works too (:func:`construct` takes any :class:`~unroll.network.Network`).
 
-- a gradient step on data-constant terms, ``z ← z - η Σ_i w_i ∇f_i(z)`` (with ``-ΔR``:
-  ``z + η (E z - Σ_j γ_j C_j z π̂_j(z))``), its constants **fitted on the training features that
-  reach the layer** and stored as the layer's buffers;
-- a proximal step on non-smooth terms, ``z ← prox_{η w g}(z)``, the term's own proximal operator
-  (:class:`~unroll.objective.UnitNorm`: the projection onto the sphere).
+**The network.** The front end (``embedding: pixels``, one patch the size of the image) makes each
+image one token of width ``d = channels × image_size²``, its pixels on the sphere. Each layer
+runs the network's steps in order, e.g. for ReduNet
 
-The training features are then pushed through the finished layer (soft memberships, as any
-sample) and the next layer is fitted on them. **No head is trained**: :class:`NearestSubspace`
+- a gradient step on ``-ΔR``, ``Z + η (E Z - Σ_k V_k ∘ (1 γ_k π_k))``, ``V_k = C_k Z``,
+  ``π_k = softmax_k(-λ ‖V_k‖)``, its constants **fitted on the training features that reach the
+  step** and copied into its buffers;
+- a proximal step on :class:`~unroll.objective.UnitNorm`, the projection onto the sphere.
+
+The training features are then pushed through the finished step (the lowered step: soft
+memberships, as any sample) and the next one is fitted on them. Steps with learned parameters
+are refused (construction learns nothing). **No head is trained**: :class:`NearestSubspace`
 keeps, per class, the top ``components`` principal directions ``U_j`` of that class's final
 training features and classifies ``z`` by the smallest residual ``‖z - U_j U_jᵀ z‖``.
 """
@@ -35,102 +39,37 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import sympy as sp
 import torch
 from torch import nn
 
-from unroll.derive.steps import GradientStep, ProximalStep
 from unroll.errors import UnrollError
-from unroll.expr.symbols import Z as Z_SYMBOL
-from unroll.lower.interpret import CACHE, RAW, SIZES, Lowering
+from unroll.lower.step import LoweredStep
 from unroll.network import Network
-from unroll.objective.base import Objective, Term
 from unroll.objective.class_rate import one_hot_memberships, rate, rate_reduction
 
-#: the methods that make a term's constants computable from data (see the module)
-DATA_METHODS = ("fit", "constant_shapes", "data_gradient")
+
+def _data_specs(step: LoweredStep) -> list[str]:
+    """The attributes of ``step``'s data constants."""
+    return [attr for attr, spec in step.specs.items() if spec.from_data]
 
 
-def is_data_term(term: Term) -> bool:
-    """Whether ``term`` declares data constants (all of :data:`DATA_METHODS`)."""
-    return all(callable(getattr(term, name, None)) for name in DATA_METHODS)
-
-
-def _parts(on: Objective | Term):
-    return on.parts if isinstance(on, Objective) else on._as_objective().parts
-
-
-def as_columns(images: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The front end: images (B, C, H, W) -> (B, d, 1), each flattened and normalised to norm 1
-    (a blank image stays 0: the norm is floored)."""
-    x = images.reshape(images.shape[0], -1).to(dtype)
-    return (x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)).unsqueeze(-1)
-
-
-class FittedGradient(nn.Module):
-    """``z ← z - η Σ_i w_i ∇f_i(z)`` over data-constant terms; term i's constants are buffers
-    ``terms.i.<name>``."""
-
-    def __init__(self, step: GradientStep, d: int, classes: int, dtype: torch.dtype = torch.float64):
-        super().__init__()
-        self.name, self.step_size = step.name, float(step.step_size)
-        parts = _parts(step.on)
-        for w in parts:
-            if not is_data_term(w.term):
-                raise UnrollError(f"step {step.name}: {w.term.label} has no constants computed from data "
-                                  f"({', '.join(DATA_METHODS)}), so unroll construct cannot compute it in closed "
-                                  "form; a constructed gradient step takes terms like class_rate")
-        if step.relax:
-            raise UnrollError(f"step {step.name}: relaxations are not applied by unroll construct; remove relax")
-        self.weights = [float(w.weight) for w in parts]
-        self.term_objects = [w.term for w in parts]
-        self.terms = nn.ModuleList()
-        for term in self.term_objects:
-            holder = nn.Module()
-            for key, shape in term.constant_shapes(d, classes).items():
-                holder.register_buffer(key, torch.zeros(shape, dtype=dtype))
-            self.terms.append(holder)
-
-    def fit(self, Z: torch.Tensor, labels: torch.Tensor, classes: int) -> None:
-        """Fit every term's constants on the training features ``Z`` (d, m)."""
-        for term, holder in zip(self.term_objects, self.terms):
-            for key, value in term.fit(Z, labels, classes).items():
-                getattr(holder, key).copy_(value)
-
-    def forward(self, Z: torch.Tensor) -> torch.Tensor:
-        direction = sum(w * term.data_gradient(Z, dict(holder.named_buffers()))
-                        for w, term, holder in zip(self.weights, self.term_objects, self.terms))
-        return Z - self.step_size * direction
-
-
-class Proximal(nn.Module):
-    """``z ← prox_{η w g}(z)`` for non-smooth terms g, each term's own proximal operator (its
-    sympy expression, lowered as every step's is), applied in order; no parameters."""
-
-    def __init__(self, step: ProximalStep, d: int):
-        super().__init__()
-        self.name = step.name
-        parts = _parts(step.on)
-        smooth = [w.term.label for w in parts if w.term.smooth]
-        if smooth or step.iterations != 1 or step.relax or step.decode != "none":
-            raise UnrollError(f"step {step.name}: unroll construct computes a proximal step on non-smooth terms "
-                              "only, one iteration, without relaxations or decoding"
-                              + (f" (smooth: {', '.join(smooth)})" if smooth else ""))
-        self.d = d
-        lowering = Lowering()
-        self.proxes: list[tuple[Callable, dict[str, torch.Tensor]]] = []
-        for w in parts:
-            expr = w.term.prox(Z_SYMBOL, sp.nsimplify(step.step_size) * w.weight)
-            constants = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in w.term.constants().items()}
-            self.proxes.append((lowering.matrix(expr), constants))
-
-    def forward(self, Z: torch.Tensor) -> torch.Tensor:
-        """``Z`` (..., d, N): the lowered prox works on (B, 1, d, N)."""
-        sizes = {"d": self.d, "N": Z.shape[-1], "K": 1, "p": self.d, "m": self.d}
-        X = Z.reshape(-1, *Z.shape[-2:]).unsqueeze(1)
-        for fn, constants in self.proxes:
-            X = fn({Z_SYMBOL.name: X, SIZES: sizes, RAW: {}, CACHE: {}, **constants}).expand_as(X)
-        return X.reshape(Z.shape)
+def fit_step(step: LoweredStep, parts, Z: torch.Tensor, labels: torch.Tensor, classes: int) -> None:
+    """Fill ``step``'s data constants with its terms' ``fit`` on the features ``Z`` (d, m)."""
+    filled: set[str] = set()
+    for w in parts:
+        fit = getattr(w.term, "fit", None)
+        if not callable(fit):
+            continue
+        for key, value in fit(Z, labels, classes).items():
+            if key not in step.specs or not step.specs[key].from_data or key in filled:
+                raise UnrollError(f"step {step.update_name}: {w.term.label}.fit returned {key!r}, which is not one of "
+                                  f"the step's data constants ({', '.join(_data_specs(step))}) or is filled twice")
+            buffer = getattr(step, key)
+            buffer.copy_(value.reshape(buffer.shape))
+            filled.add(key)
+    missing = set(_data_specs(step)) - filled
+    if missing:
+        raise UnrollError(f"step {step.update_name}: no term's fit computes {', '.join(sorted(missing))}")
 
 
 def class_subspaces(Z: torch.Tensor, labels: torch.Tensor, classes: int, components: int) -> torch.Tensor:
@@ -165,54 +104,74 @@ class NearestSubspace(nn.Module):
 
 
 class ConstructedNetwork(nn.Module):
-    """Images (B, C, H, W) -> class scores (B, J); :meth:`features` gives each layer's output."""
+    """Images (B, C, H, W) -> class scores (B, J): the lowered network of ``unroll build``
+    (``frontend``, ``encoder``; plain lowering, float64) and a :class:`NearestSubspace` head.
+    :meth:`features` gives the last layer's output."""
 
     def __init__(self, network: Network, components: int, dtype: torch.dtype = torch.float64):
         super().__init__()
+        from unroll.lower.model import WhiteBoxClassifier
+
         front = network.frontend
         self.classes, self.dtype = network.head.classes, dtype
         d = front.channels * front.image_size**2
-        if network.width != d:
-            raise UnrollError(f"a constructed network works on flattened pixels, so architecture.width must be "
-                              f"channels × image_size² = {d}, found {network.width}", field="architecture.width")
+        if front.embedding != "pixels" or front.tokens != 1 or network.width != d:
+            raise UnrollError(f"a constructed network sees each image as one token of its flattened pixels: set "
+                              f"embedding: pixels, patch_size = image_size ({front.image_size}), cls_token: false "
+                              f"and architecture.width = channels × image_size² = {d}", field="architecture")
+        if network.decoder is not None:
+            raise UnrollError("unroll construct builds classifiers, not autoencoders", field="decoder")
         if components > d:
             raise UnrollError(f"{components} principal directions per class cannot exceed the width ({d})",
                               field="construction.components")
-        self.layers = nn.ModuleList()
         for group in network.groups:
             if group.tie and group.repeat > 1:
                 raise UnrollError("tied layers share constants, but each constructed layer is fitted on the features "
                                   "that reach it; remove tie", field="architecture")
-            for _ in range(group.repeat):
-                self.layers.append(nn.ModuleList(_lower(step, d, self.classes, dtype) for step in group.layer))
-        if not any(isinstance(s, FittedGradient) for layer in self.layers for s in layer):
+        lowered = WhiteBoxClassifier(network, optimize=False).to(dtype)
+        self.plan = lowered.plan
+        self.frontend, self.encoder = lowered.frontend, lowered.encoder
+        self.parts: dict[tuple[int, str], tuple] = {}  # (layer, step name) -> the weighted terms
+        for planned in self.plan.encoder.layers:
+            for derived in planned.steps:
+                step = self.encoder.layers[planned.module].steps[derived.name]
+                learned = [name for name, _ in step.named_parameters()]
+                if learned:
+                    labels = ", ".join(w.term.label for w in derived.parts)
+                    raise UnrollError(f"step {derived.name}: {labels} has no constants computed from data but learned "
+                                      f"parameters ({', '.join(learned)}), which unroll construct cannot compute in "
+                                      "closed form; a constructed step takes terms like class_rate (data constants) "
+                                      "or parameter-free ones like unit_norm")
+                self.parts[planned.number - 1, derived.name] = derived.parts
+        if not any(_data_specs(step) for layer in self.encoder.layers for step in layer.steps.values()):
             raise UnrollError("no step has a term with constants computed from data (such as class_rate), so there "
                               "is nothing to construct", field="layer")
         self.head = NearestSubspace(self.classes, d, components, dtype)
 
-    def trajectory(self, Z: torch.Tensor) -> list[torch.Tensor]:
-        """``Z`` (B, d, N) and the output of every layer after it."""
-        out = [Z]
-        for layer in self.layers:
-            for step in layer:
-                Z = step(Z)
-            out.append(Z)
-        return out
+    @property
+    def depth(self) -> int:
+        return self.encoder.depth
+
+    def steps(self, layer: int):
+        """``(name, lowered step, weighted terms)`` of encoder layer ``layer`` (from 0), in order."""
+        for name, step in self.encoder.layer(layer).steps.items():
+            yield name, step, self.parts[layer, name]
+
+    @staticmethod
+    def apply(step: LoweredStep, Z: torch.Tensor) -> torch.Tensor:
+        """One lowered step on ``Z`` (B, d, N), tokens as columns."""
+        return step(Z.mT).mT if step.rows else step(Z)
+
+    def columns(self, images: torch.Tensor) -> torch.Tensor:
+        """The front end: images (B, C, H, W) -> (B, d, 1), the pixels on the sphere."""
+        return self.frontend(images.to(self.dtype)).mT
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.trajectory(as_columns(images, self.dtype))[-1]
+        """(B, d, 1): the tokens after the last layer, as columns."""
+        return self.encoder(self.frontend(images.to(self.dtype))).mT
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
-
-
-def _lower(step, d: int, classes: int, dtype: torch.dtype) -> nn.Module:
-    if isinstance(step, GradientStep):
-        return FittedGradient(step, d, classes, dtype)
-    if isinstance(step, ProximalStep):
-        return Proximal(step, d)
-    raise UnrollError(f"step {step.name}: unroll construct computes gradient and proximal steps, "
-                      f"found a {type(step).__name__}")
 
 
 def _accuracy(train: torch.Tensor, labels: torch.Tensor, held: torch.Tensor, held_labels: torch.Tensor,
@@ -244,12 +203,12 @@ def construct(network: Network, images: torch.Tensor, labels: torch.Tensor, comp
     if labels.numel() == 0 or int(labels.min()) < 0 or int(labels.max()) >= classes:
         raise UnrollError(f"the training labels must lie in 0..{classes - 1} (architecture.classes = {classes})")
     if eps is None:
-        eps = next((float(t.eps) for layer in model.layers for s in layer if isinstance(s, FittedGradient)
-                    for t in s.term_objects if hasattr(t, "eps")), 0.1)
+        eps = next((float(w.term.eps) for parts in model.parts.values() for w in parts
+                    if callable(getattr(w.term, "fit", None)) and hasattr(w.term, "eps")), 0.1)
     rows = []
     with torch.no_grad():
-        Z = as_columns(images, model.dtype).squeeze(-1).T  # (d, m): samples as columns
-        H = as_columns(held_out[0], model.dtype).squeeze(-1).T if held_out is not None else None
+        Z = model.columns(images).squeeze(-1).T  # (d, m): samples as columns (the tokens of one batch)
+        H = model.columns(held_out[0]).squeeze(-1).T if held_out is not None else None
 
         def record(layer: int) -> None:
             row = measure_row(layer, Z, labels, classes, eps)
@@ -262,14 +221,14 @@ def construct(network: Network, images: torch.Tensor, labels: torch.Tensor, comp
                 on_layer(row)
 
         record(0)
-        for number, layer in enumerate(model.layers, 1):
-            for step in layer:
-                if isinstance(step, FittedGradient):
-                    step.fit(Z, labels, classes)  # on the features that reach this step
-                Z = step(Z)
+        for layer in range(model.depth):
+            for _, step, parts in model.steps(layer):
+                if _data_specs(step):
+                    fit_step(step, parts, Z, labels, classes)  # on the features that reach this step
+                Z = model.apply(step, Z[None])[0]
                 if H is not None:
-                    H = step(H)
-            record(number)
+                    H = model.apply(step, H[None])[0]
+            record(layer + 1)
         model.head.U.copy_(class_subspaces(Z, labels, classes, components))
     return model.eval(), rows
 
@@ -289,7 +248,7 @@ def memory_bytes(network: Network, samples: int) -> int:
     data term, float64) and a few copies of the features (d x samples)."""
     d = network.width
     J = network.head.classes
-    steps = sum(g.repeat * len(g.layer) for g in network.groups)
+    steps = sum(g.repeat * len(g.layer) for g in network.groups)  # an upper bound: every step holds them
     return 8 * (steps * (J + 1) * d * d + 4 * J * d * d + 6 * d * samples)
 
 

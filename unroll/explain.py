@@ -44,7 +44,9 @@ def parameter_lines(u: Update, sizes: dict[str, int]) -> list[str]:
         rows, cols = size_value(spec.rows, sizes), size_value(spec.cols, sizes)
         shape = ((sizes["K"],) if spec.per_head else ()) + ((rows,) if spec.is_vector else (rows, cols))
         stored = "" if spec.attr == spec.name else f" (stored as {spec.attr})"
-        lines.append(f"    {spec.name}{stored}: {' x '.join(map(str, shape))}" + (f", {spec.note}" if spec.note else ""))
+        data = " (computed from data: a buffer filled by unroll construct, not trained)" if spec.from_data else ""
+        lines.append(f"    {spec.name}{stored}: {' x '.join(map(str, shape))}" + (f", {spec.note}" if spec.note else "")
+                     + data)
     for name in sorted(u.learnable):
         lines.append(f"    {name}: a learned scalar")
     return ["  parameters (per layer):", *lines] if lines else []

@@ -86,7 +86,10 @@ class PatchFrontend:
 
     ``embedding``: ``linear`` flattens each patch as ``(p1 p2 c)`` and applies Linear (CRATE,
     with ``patch_norm`` a LayerNorm before and after it); ``conv`` is a Conv2d with kernel and
-    stride p (CRATE-alpha, CRATE-MAE), the same map with the weights laid out ``(c p1 p2)``.
+    stride p (CRATE-alpha, CRATE-MAE), the same map with the weights laid out ``(c p1 p2)``;
+    ``pixels`` has no parameters: each patch's pixels, flattened ``(c p1 p2)`` and normalised onto
+    the unit sphere, are its token (ReduNet: patch_size = image_size, one token per image, the
+    width channels × patch_size²).
     """
 
     image_size: Size = 224
@@ -97,7 +100,7 @@ class PatchFrontend:
     cls_token: bool = True
     #: ``sincos``: the fixed 2-D sin-cos table of MAE (a zero row for cls), stored as a buffer
     positions: Literal["learned", "sincos", "none"] = "learned"
-    embedding: Literal["linear", "conv"] = "linear"
+    embedding: Literal["linear", "conv", "pixels"] = "linear"
 
     @property
     def patches(self) -> int:

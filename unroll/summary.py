@@ -13,6 +13,15 @@ def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def data_constant_count(model: torch.nn.Module) -> int:
+    """Values of the steps' data constants (``ParamSpec`` ``init`` ``("data",)``): buffers that
+    ``unroll construct`` fills from the training data, not parameters."""
+    from unroll.lower.step import LoweredStep
+
+    return sum(getattr(m, attr).numel() for m in model.modules() if isinstance(m, LoweredStep)
+               for attr, spec in m.specs.items() if spec.from_data)
+
+
 def _cpu_flash_attention(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 

@@ -33,7 +33,11 @@ class PatchEmbedding(nn.Module):
         self.spec = spec
         p = spec.patch_size
         patch_dim = spec.channels * p**2
-        if spec.embedding == "conv":
+        if spec.embedding == "pixels":
+            if patch_dim != width:
+                raise ValueError(f"embedding: pixels needs a width of channels × patch_size² = {patch_dim}, "
+                                 f"found {width}")
+        elif spec.embedding == "conv":
             self.proj = nn.Conv2d(spec.channels, width, kernel_size=p, stride=p)
         else:
             if spec.patch_norm:
@@ -54,9 +58,12 @@ class PatchEmbedding(nn.Module):
 
     def patches(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, L, d): one embedded token per patch, row-major over the grid."""
+        p = self.spec.patch_size
+        if self.spec.embedding == "pixels":  # onto the sphere (a blank patch stays 0: the norm is floored)
+            x = rearrange(images, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p)
+            return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
         if self.spec.embedding == "conv":
             return self.proj(images).flatten(2).mT
-        p = self.spec.patch_size
         x = rearrange(images, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p)
         if self.spec.patch_norm:
             return self.embed_norm(self.proj(self.patch_norm(x)))

@@ -22,6 +22,8 @@ def init_param(spec: ParamSpec, sizes: dict[str, int]) -> torch.Tensor:
     rows, cols = size_value(spec.rows, sizes), size_value(spec.cols, sizes)
     shape = ((sizes["K"],) if spec.per_head else ()) + ((rows,) if spec.is_vector else (rows, cols))
     kind = spec.init[0]
+    if kind == "data":  # computed from data later (a term's ``fit``): zeros until then
+        return torch.zeros(shape)
     if kind == "ones":
         return torch.ones(shape)
     if kind == "zeros":
@@ -50,7 +52,9 @@ class LoweredStep(nn.Module):
     (B, N, d), tokens as rows).
 
     Parameters are attributes named after their symbols (``U_k`` -> ``U`` of shape (K, d, p));
-    fixed constants are non-persistent buffers, learnable ones parameters.
+    fixed constants are non-persistent buffers, learnable ones parameters. A parameter whose
+    ``init`` is ``("data",)`` (computed from data, as ReduNet's E and C_k) is a persistent buffer:
+    zeros until filled, saved in the checkpoint, not trained.
 
     The lowered program is a tree of closures, which pickle cannot store: a step is copied
     (``copy.deepcopy``) but pickled only as part of a whole model (see
@@ -69,7 +73,10 @@ class LoweredStep(nn.Module):
         self.sizes = sizes
         self.specs = {spec.attr: spec for spec in update.params}
         for spec in update.params:
-            self.register_parameter(spec.attr, nn.Parameter(init_param(spec, sizes)))
+            if spec.from_data:  # a data constant: stored with the model, never trained
+                self.register_buffer(spec.attr, init_param(spec, sizes))
+            else:
+                self.register_parameter(spec.attr, nn.Parameter(init_param(spec, sizes)))
         for name, value in update.constants.items():
             if name in update.learnable:
                 self.register_parameter(name, nn.Parameter(torch.tensor(float(value))))
@@ -105,6 +112,8 @@ class LoweredStep(nn.Module):
         if len(text) > self.REPR_CHARS:
             text = text[: self.REPR_CHARS - 1] + "…"
         shapes = [f"{name} {tuple(p.shape)}" for name, p in self.named_parameters(recurse=False)]
+        shapes += [f"{name} {tuple(self._buffers[name].shape)} (data)" for name in self.specs
+                   if name in self._buffers]
         constants = [f"{name}={float(getattr(self, name)):g}" for name in self.constant_names
                      if name not in self._parameters]
         return "\n".join([f"name={self.update_name}: {self.title}", text,

@@ -47,7 +47,9 @@ class ParamSpec:
     Per-head parameters (``U_k``) are stored as (K, rows, cols) tensors; column vectors as (rows,).
     ``init`` is ``("uniform", fan_in)`` for U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as in
     ``torch.nn.Linear``, ``("kaiming", fan_in)`` for U(-sqrt(6/fan_in), sqrt(6/fan_in)),
-    ``("ones",)`` or ``("zeros",)``.
+    ``("ones",)`` or ``("zeros",)``; ``("data",)`` for a constant computed from data, not
+    learned (a term's ``fit``, as ReduNet's E and C_k): the lowered step keeps it as a persistent
+    buffer, zeros until filled, saved with the model and never trained.
     """
 
     name: str
@@ -71,6 +73,11 @@ class ParamSpec:
     @property
     def per_head(self) -> bool:
         return self.name.endswith("_k")
+
+    @property
+    def from_data(self) -> bool:
+        """Computed from data (``init`` ``("data",)``), not learned: a buffer, not a parameter."""
+        return self.init[0] == "data"
 
     @property
     def attr(self) -> str:

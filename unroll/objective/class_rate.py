@@ -28,10 +28,21 @@ and its unknown membership estimated from how well each class explains it,
 then projects z back onto the sphere (:class:`~unroll.objective.UnitNorm`). In ``unroll`` such
 a layer sees each image as **one token** of width d (flattened pixels): the update acts on
 every column of its input on its own, so a batch (B, d, 1), or the whole training set as one
-(1, d, m), goes through the same layer. Empty classes (``tr Π_j = 0``) contribute nothing.
+(1, d, m), goes through the same layer.
 
-The step cannot be derived symbolically (its constants come from data and its memberships are a
-softmax over classes), so ``unroll construct`` computes it, not ``unroll build``.
+**In the language.** :meth:`ClassRate.gradient` is that step written symbolically, the classes
+playing the role of **heads** (the per-head index ``k``; a recipe sets ``architecture.heads`` to
+the number of classes): ``E``, ``C_k`` and ``gamma_k`` are parameters of the step whose ``init``
+is ``("data",)`` (:data:`DATA_CONSTANTS`), so the lowered step keeps them as persistent buffers,
+zeros until ``unroll construct`` fills them with :meth:`ClassRate.fit`. ``unroll build`` and
+``unroll explain`` derive, print and lower it like any other step:
+
+.. math::  Z^+ = Z - \kappa\,(\textstyle\sum_k V_k \circ (\mathbf 1 \gamma_k \pi_k) - E Z), \quad
+           V_k = C_k Z, \quad \pi_k = \operatorname{softmax}_k(-\lambda\, \|V_k\|_{col})
+
+An empty class (``tr Π_j = 0``) contributes nothing: γ_j = 0, and :meth:`ClassRate.fit` gives it
+the limit of ``C_j = α_j I`` as α_j → ∞, capped at :data:`EMPTY_CLASS_ALPHA` times d/ε², so that
+its residual is huge and it takes no membership.
 """
 
 from __future__ import annotations
@@ -44,7 +55,22 @@ import torch
 from pydantic import Field
 
 from unroll.errors import UnrollError
-from unroll.objective.base import Gradient, Term, logdet_spd
+from unroll.expr.nodes import HeadSoftmax, HeadSum
+from unroll.expr.symbols import d
+from unroll.expr.vocabulary import column_norms
+from unroll.objective.base import Gradient, ParamSpec, Term, logdet_spd
+
+LAMBDA = sp.Symbol("lambda", positive=True)
+#: an empty class's C_j = α_j I, α_j = d / (tr Π_j ε²) -> ∞, is stored with α_j = this × d/ε²
+EMPTY_CLASS_ALPHA = 1e6
+#: ReduNet's data constants, parameters of the step computed from data (``init`` ``("data",)``):
+#: registered as persistent buffers, zeros until :meth:`ClassRate.fit` fills them. The classes are
+#: the heads (``_k``): ``architecture.heads`` must be the number of classes.
+DATA_CONSTANTS = (
+    ParamSpec("E", d, d, ("data",), "expansion operator α (I + α Z Zᵀ)⁻¹, from the training features"),
+    ParamSpec("C_k", d, d, ("data",), "per class: compression operator α_k (I + α_k Z Π_k Zᵀ)⁻¹"),
+    ParamSpec("gamma_k", 1, 1, ("data",), "per class: its share of the training samples", vector=False),
+)
 
 
 def _gram_identity(Z: torch.Tensor, a: torch.Tensor | float) -> torch.Tensor:
@@ -140,9 +166,18 @@ class ClassRate(Term):
         return {"epsilon": self.eps, "lambda": self.lam}
 
     def gradient(self, X: sp.MatrixExpr) -> Gradient:
-        raise UnrollError("the class rate reduction (class_rate) takes its constants E and C_j from labelled "
-                          "training data: compute its layers with `unroll construct` (unroll.construct), "
-                          "not build or train")
+        r"""``∇ΔR`` as each token (sample) sees it, the classes as heads (``k``):
+
+        ``E X - Σ_k V_k ∘ (1 γ_k π_k)``, ``V_k = C_k X``, ``π_k = softmax_k(-λ ‖V_k‖_columns)``,
+        with the data constants E, C_k, γ_k parameters of the step (:data:`DATA_CONSTANTS`)."""
+        dim, n = X.shape
+        V = sp.MatrixSymbol("V_k", dim, n)
+        pi = sp.MatrixSymbol("pi_k", 1, n)
+        residual = sp.OneMatrix(1, dim) * column_norms(V) / dim  # 1 x N: ‖C_k x_j‖ per token
+        E, C, gamma = (spec.symbol for spec in DATA_CONSTANTS)
+        expr = E * X - HeadSum(sp.HadamardProduct(V, sp.OneMatrix(dim, 1) * gamma * pi))
+        where = ((V, C * X), (pi, HeadSoftmax(-LAMBDA * residual)))
+        return Gradient(expr, where=where, params=DATA_CONSTANTS)
 
     def value(self, Z: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per sample: ``Z`` (B, d, m), samples as columns; ``params["Pi"]`` the memberships
@@ -152,25 +187,16 @@ class ClassRate(Term):
         return rate_reduction(Z, params["Pi"], self.eps)
 
     # data constants: what `unroll construct` computes from the training set, once per layer --------
-    def constant_shapes(self, d: int, classes: int) -> dict[str, tuple[int, ...]]:
-        """The shapes of :meth:`fit`'s tensors, so that a stored network is rebuilt empty and loaded."""
-        return {"E": (d, d), "C": (classes, d, d), "gamma": (classes,)}
-
     def fit(self, Z: torch.Tensor, labels: torch.Tensor, classes: int) -> dict[str, torch.Tensor]:
         """E, C_j and γ_j of the training features ``Z`` (d, m), samples as columns, and their
-        labels (m,) in ``0..classes-1`` (hard memberships)."""
+        labels (m,) in ``0..classes-1`` (hard memberships): by the attributes of the lowered step's
+        buffers (:data:`DATA_CONSTANTS`), E (d, d), C (J, d, d), gamma (J, 1, 1)."""
         Pi = one_hot_memberships(labels, classes, Z.dtype)
         C, gamma = compression_operators(Z, Pi, self.eps)
-        return {"E": expansion_operator(Z, self.eps), "C": C, "gamma": gamma}
-
-    def data_gradient(self, Z: torch.Tensor, constants: dict[str, torch.Tensor]) -> torch.Tensor:
-        r"""``∇ΔR`` as one sample sees it, every column of Z (..., d, N) on its own:
-        ``E z - Σ_j γ_j C_j z π̂_j(z)``, with the fitted constants and soft memberships (a class
-        absent from the training data gets none)."""
-        E, C, gamma = constants["E"], constants["C"], constants["gamma"]
-        CZ = C @ Z.unsqueeze(-3)  # (..., J, d, N)
-        pi = _memberships(CZ, self.lam, gamma)  # (..., J, N)
-        return E @ Z - (gamma[:, None, None] * CZ * pi.unsqueeze(-2)).sum(-3)
+        d = Z.shape[0]
+        empty = gamma == 0  # C_j = α_j I with α_j -> ∞: a residual so large it takes no membership
+        C = torch.where(empty[:, None, None], EMPTY_CLASS_ALPHA * d / self.eps**2 * torch.eye(d, dtype=Z.dtype), C)
+        return {"E": expansion_operator(Z, self.eps), "C": C, "gamma": gamma[:, None, None]}
 
 
 def one_hot_memberships(labels: torch.Tensor, classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -90,7 +90,9 @@ class Architecture(_Strict):
     patch_norm: bool = True
     cls_token: bool = True
     positions: Literal["learned", "sincos", "none"] = "learned"
-    embedding: Literal["linear", "conv"] = "linear"
+    #: ``pixels``: each patch's flattened pixels, normalised onto the sphere, as its token (no
+    #: parameters; width = channels × patch_size², patch_norm, cls_token false, positions none)
+    embedding: Literal["linear", "conv", "pixels"] = "linear"
     norm_eps: Positive = 1e-5
     head_norm_eps: Positive = 1e-5
 
@@ -126,6 +128,14 @@ class Architecture(_Strict):
             )
         if self.pool == "cls" and not self.cls_token:
             raise ValueError("pool: cls needs cls_token: true")
+        if self.embedding == "pixels":
+            pixels = self.channels * self.patch_size**2
+            if self.width != pixels:
+                raise ValueError(f"embedding: pixels makes each patch's pixels its token, so width must be "
+                                 f"channels × patch_size² = {pixels}, found {self.width}")
+            if self.patch_norm or self.cls_token or self.positions != "none":
+                raise ValueError("embedding: pixels has no parameters: set patch_norm: false, cls_token: false "
+                                 "and positions: none")
         return self
 
 
