@@ -325,6 +325,7 @@ def _one_class_folder(root: Path) -> Path:
     (["--set", "architecture.tie_layers=true"], "remove tie"),
     (["--max-memory", "0.001"], "more than the limit"),
     (["--data", "ONE_CLASS"], "needs labelled data of 2 to 10 classes"),
+    (["--set", "architecture.heads=5"], "each class is a head, so architecture.heads must equal the number of classes"),
 ])
 def test_bad_input_is_a_clear_error(args, says, tmp_path, capsys):
     recipe = RECIPE
@@ -343,3 +344,18 @@ def test_bad_input_is_a_clear_error(args, says, tmp_path, capsys):
     assert code == 2, err
     assert err.startswith("error: ") and says in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_train_refuses_a_recipe_of_data_constants(tmp_path, capsys):
+    """Its layers are the identity until constructed: training would only fit the head."""
+    assert main(["train", str(RECIPE), "--out", str(tmp_path / "run")]) == 2
+    assert "build it with unroll construct" in capsys.readouterr().err
+
+
+def test_pixels_front_end_from_python_is_checked_when_planned():
+    net = unroll.Network((unroll.ProximalStep(unroll.objective.UnitNorm(), name="p"),), width=24, heads=1, depth=1,
+                         frontend=unroll.PatchFrontend(image_size=8, patch_size=2, channels=3, embedding="pixels",
+                                                       patch_norm=False, cls_token=False, positions="none"),
+                         head=unroll.ClassifierHead(classes=3, pool="mean"))
+    with pytest.raises(unroll.UnrollError, match="the width must be 12, found 24"):
+        unroll.build(net)

@@ -319,8 +319,26 @@ def test_causal_memberships_need_a_block_size():
 
 def test_causal_step_refuses_more_tokens_than_its_block_size():
     layer = causal_model(True).layer(0)
-    with pytest.raises(ValueError, match="block_size"):
+    with pytest.raises(unroll.UnrollError, match="block_size"):
         layer.run(torch.randn(1, BLOCK + 1, 48))
+    # and a network with more tokens than the block is refused when planned (17 tokens here)
+    short = (ProjectionBias(), NormalizedMemberships(causal=True, block_size=4), ReciprocalGain(causal=True),
+             UntieOutput(bias=True), Residual(True))
+    with pytest.raises(unroll.UnrollError, match="holds 4 positions \\(its block_size\\) but the network has 17 tokens"):
+        unroll.plan(small([GradientStep(TERM, 1.0, "tssa", short)]))
+
+
+@pytest.mark.parametrize("relax, says", [
+    ((NormalizedMemberships(causal=True, block_size=BLOCK), ReciprocalGain()), "the memberships are causal"),
+    ((NormalizedMemberships(), ReciprocalGain(causal=True)), "causal statistics need causal memberships"),
+    ((ReciprocalGain(), NormalizedMemberships(causal=True, block_size=BLOCK)), "apply normalized_memberships before"),
+    ((NormalizedMemberships(causal=True, block_size=BLOCK), ReciprocalGain(causal=True), Residual(True)),
+     "scales by a function of N"),
+])
+def test_a_step_that_would_read_later_tokens_is_refused(relax, says):
+    """Half a causal step, or one whose output still scales by 1/N, lets token t see what follows."""
+    with pytest.raises(unroll.UnrollError, match=says):
+        unroll.plan(small([GradientStep(TERM, 1.0, "tssa", relax)]))
 
 
 def test_causal_torch_compile_agrees_with_eager():

@@ -38,19 +38,23 @@ def one_step(step: GradientStep, width: int, heads: int) -> torch.nn.Module:
 
 
 def seconds(layer, x: torch.Tensor) -> float:
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync()
     start = time.perf_counter()
     layer.run(x)
+    sync()
     return time.perf_counter() - start
 
 
-def measure(width: int = 384, heads: int = 6, tokens=TOKENS, repeats: int = 15) -> dict[int, tuple[float, float]]:
+def measure(width: int = 384, heads: int = 6, tokens=TOKENS, repeats: int = 15,
+            device: str = "cpu") -> dict[int, tuple[float, float]]:
     """Median forward seconds ``(tost, attention)`` for each token count."""
     torch.manual_seed(0)
-    tost, attention = one_step(TOST, width, heads), one_step(CRATE, width, heads)
+    tost, attention = one_step(TOST, width, heads).to(device), one_step(CRATE, width, heads).to(device)
     out = {}
     with torch.inference_mode():
         for n in tokens:
-            x = torch.randn(1, n, width)
+            x = torch.randn(1, n, width, device=device)
             for _ in range(3):  # warm up (allocator, kernels)
                 seconds(tost, x), seconds(attention, x)
             times = [(seconds(tost, x), seconds(attention, x)) for _ in range(repeats)]
@@ -61,12 +65,14 @@ def measure(width: int = 384, heads: int = 6, tokens=TOKENS, repeats: int = 15) 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
-    # one thread by default: on a shared machine a second thread mostly waits for a busy core
-    parser.add_argument("--threads", type=int, default=1)
+    # the issue's setting: 2 threads on an otherwise idle machine (on a busy one, try --threads 1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = measure(repeats=args.repeats)
-    print(f"forward, batch 1, width 384, 6 heads, float32, {torch.get_num_threads()} threads (median ms)")
+    results = measure(repeats=args.repeats, device=args.device)
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
+    print(f"forward, batch 1, width 384, 6 heads, float32, {where} (median ms)")
     print(f"{'N':>6} {'ToST':>10} {'attention':>10} {'attn/ToST':>10}")
     for n, (t, a) in results.items():
         print(f"{n:>6} {1e3 * t:>10.3f} {1e3 * a:>10.3f} {a / t:>10.2f}")

@@ -65,6 +65,10 @@ def fit_step(step: LoweredStep, parts, Z: torch.Tensor, labels: torch.Tensor, cl
                 raise UnrollError(f"step {step.update_name}: {w.term.label}.fit returned {key!r}, which is not one of "
                                   f"the step's data constants ({', '.join(_data_specs(step))}) or is filled twice")
             buffer = getattr(step, key)
+            if value.numel() != buffer.numel():
+                raise UnrollError(f"step {step.update_name}: {w.term.label} fitted {key} of shape {tuple(value.shape)} "
+                                  f"for {classes} classes, but the step holds {tuple(buffer.shape)}: with {w.term.label} "
+                                  f"each class is a head, so architecture.heads must equal the number of classes")
             buffer.copy_(value.reshape(buffer.shape))
             filled.add(key)
     missing = set(_data_specs(step)) - filled

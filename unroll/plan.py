@@ -28,7 +28,9 @@ from unroll.derive.update import Update
 from unroll.errors import UnrollError
 from unroll.expr.printing import to_text
 from unroll.graph.blocks import LayerGraph, build_layer_graph
-from unroll.expr.symbols import d as dim, m, size_value
+from unroll.expr.nodes import LeadingColumns, PrefixSum
+from unroll.expr.symbols import N, d as dim, m, size_value
+from unroll.relax.tidy import matmul_factors
 from unroll.network import Group, Network
 from unroll.objective.base import ParamSpec, Term, Weighted
 from unroll.relax.rules import apply_all, prune
@@ -187,11 +189,12 @@ def plan(network: Network) -> Plan:
 def _plan(network: Network) -> Plan:
     _check_network(network)
     sizes = MappingProxyType(network.sizes())
-    encoder = _stack(network.groups, sizes, "layer" if network.layer is not None else "layers")
+    tokens = network.frontend.tokens
+    encoder = _stack(network.groups, sizes, "layer" if network.layer is not None else "layers", tokens)
     decoder = None
     if network.decoder is not None:
         groups = network.decoder_groups
-        decoder = _stack(groups, sizes, "decoder.layer" if network.decoder.layer is not None else "decoder.layers")
+        decoder = _stack(groups, sizes, "decoder.layer" if network.decoder.layer is not None else "decoder.layers", tokens)
     return Plan(network, sizes, encoder, decoder)
 
 
@@ -207,20 +210,28 @@ def _check_network(network: Network) -> None:
     if front.positions == "sincos" and network.width % 4:
         raise UnrollError(f"positions: sincos needs a width divisible by 4, found {network.width}",
                           field="architecture.positions")
+    if front.embedding == "pixels":
+        size = front.channels * front.patch_size**2
+        if network.width != size:
+            raise UnrollError(f"embedding: pixels makes each patch's {size} values (channels × patch_size²) a token, "
+                              f"so the width must be {size}, found {network.width}", field="architecture.width")
+        if front.patch_norm or front.cls_token or front.positions != "none":
+            raise UnrollError("embedding: pixels has no parameters: set patch_norm: false, cls_token: false and "
+                              "positions: none", field="architecture.embedding")
     if network.decoder is None and network.head.pool == "cls" and not front.cls_token:
         raise UnrollError("pool: cls needs cls_token: true", field="architecture.pool")
     if network.decoder is not None and not front.cls_token:
         raise UnrollError("the masked autoencoder needs a cls token", field="architecture.cls_token")
 
 
-def _stack(groups: tuple[Group, ...], sizes: Mapping[str, int], field: str) -> StackPlan:
+def _stack(groups: tuple[Group, ...], sizes: Mapping[str, int], field: str, tokens: int) -> StackPlan:
     planned = []
     for i, group in enumerate(groups):
         where = field if field.endswith("layer") else f"{field}.{i}.steps"
         steps = derive_steps(group.layer, where)
         for d in steps:
             with _in_step(d.name):
-                _check_step(d, sizes)
+                _check_step(d, sizes, tokens)
         planned.append(GroupPlan(group, steps, build_layer_graph([d.final for d in steps])))
     return StackPlan(tuple(planned))
 
@@ -252,9 +263,11 @@ def _in_step(name: str) -> Iterator[None]:
         raise UnrollError(e.message, where=e.where, field=f"step {name}") from None
 
 
-def _check_step(d: DerivedStep, sizes: Mapping[str, int]) -> None:
+def _check_step(d: DerivedStep, sizes: Mapping[str, int], tokens: int) -> None:
     """What only the sizes reveal, and names that would collide once lowered."""
     from unroll.lower.step import attribute_problem  # the names a lowered step keeps for itself
+
+    _check_causal(d.final, sizes, tokens)
     step_sizes = {**sizes, m.name: d.final.expansion * sizes[dim.name]}
     for w in d.parts:
         w.term.check(step_sizes)
@@ -274,6 +287,26 @@ def _check_step(d: DerivedStep, sizes: Mapping[str, int]) -> None:
         if clash:
             raise UnrollError(f"{clash[0]} names both a parameter and a constant or intermediate result of the "
                               "step; rename the parameter")
+
+
+def _check_causal(u: Update, sizes: Mapping[str, int], tokens: int) -> None:
+    """A step whose statistics are prefix sums over the tokens must not depend on how many tokens
+    follow one, and its per-position parameters must cover the network's tokens."""
+    exprs = [u.out, *(e for _, e in u.where)]
+    if not any(e.has(PrefixSum) for e in exprs):
+        return
+    for e in exprs:
+        for node in e.atoms(LeadingColumns):
+            held = size_value(node.arg.shape[1], dict(sizes))
+            if held < tokens:
+                raise UnrollError(f"{node.arg} holds {held} positions (its block_size) but the network has "
+                                  f"{tokens} tokens; raise block_size to at least {tokens}")
+    terms = u.out.args if isinstance(u.out, sp.MatAdd) else (u.out,)
+    scales = [matmul_factors(t)[0] for t in terms] + [e for s, e in u.where if not getattr(s, "is_Matrix", False)]
+    if any(N in sp.sympify(c).free_symbols for c in scales):
+        raise UnrollError("this causal step scales by a function of N, the number of tokens, so a token's output "
+                          "would depend on how many tokens follow it; untie the output (untie_output) so that a "
+                          "learned operator absorbs the scale")
 
 
 def _param_shape(spec: ParamSpec, sizes: Mapping[str, int]) -> None:

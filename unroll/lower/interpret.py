@@ -14,6 +14,7 @@ import sympy as sp
 import torch
 import torch.nn.functional as F
 
+from unroll.errors import UnrollError
 from unroll.expr.symbols import Z, size_value  # noqa: F401  (size_value: re-exported for the lowerings)
 from unroll.expr.nodes import HeadSoftmax, HeadSum, LayerNorm, ReLU, SmoothGrad, Softmax, SoftThreshold, is_per_head
 from unroll.expr.nodes import NORM_FLOOR, AbsValue, Clamp, Divide, LeadingColumns, Norm, PrefixSum, Sign
@@ -238,7 +239,7 @@ class Lowering:
         def leading(env):
             x, n = inner(env), int(count(env))
             if n > x.shape[axis]:  # slicing would silently return fewer columns
-                raise ValueError(f"{n} tokens, but {e.arg} holds {x.shape[axis]} positions (its block_size)")
+                raise UnrollError(f"{n} tokens, but {e.arg} holds {x.shape[axis]} positions (its block_size)")
             return x.narrow(axis, 0, n)
 
         return leading

@@ -196,7 +196,8 @@ class ClassRate(Term):
         d = Z.shape[0]
         empty = gamma == 0  # C_j = α_j I with α_j -> ∞: a residual so large it takes no membership
         C = torch.where(empty[:, None, None], EMPTY_CLASS_ALPHA * d / self.eps**2 * torch.eye(d, dtype=Z.dtype), C)
-        return {"E": expansion_operator(Z, self.eps), "C": C, "gamma": gamma[:, None, None]}
+        E, C_k, gamma_k = (spec.attr for spec in DATA_CONSTANTS)
+        return {E: expansion_operator(Z, self.eps), C_k: C, gamma_k: gamma[:, None, None]}
 
 
 def one_hot_memberships(labels: torch.Tensor, classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -26,9 +26,13 @@ beta = sp.Symbol("beta", positive=True)
 SUBSPACES = ParamSpec("U_k", d, p, ("uniform", d), "subspace bases (the attention's q = k = v projection)")
 
 
+#: the name of the per-head projection of the tokens, which relaxations rewrite
+PROJECTION = "W_k"
+
+
 def projected(X: sp.MatrixExpr) -> sp.MatrixSymbol:
     """The per-head projection ``W_k = U_k^T X`` of the tokens (named so that it prints short)."""
-    return sp.MatrixSymbol("W_k", p, X.shape[1])
+    return sp.MatrixSymbol(PROJECTION, p, X.shape[1])
 
 
 @dataclass(frozen=True, eq=False)

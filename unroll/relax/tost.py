@@ -33,7 +33,7 @@ from unroll.expr.vocabulary import maximum
 from unroll.expr.printing import to_text
 from unroll.expr.symbols import d, p
 from unroll.objective.base import ParamSpec
-from unroll.objective.compression import SUBSPACES
+from unroll.objective.compression import PROJECTION, SUBSPACES
 from unroll.objective.variational import GAINS, MEMBERSHIPS, STATISTICS, energy
 from unroll.relax.rules import _STRICT, _fail, _note, _Rule
 
@@ -48,7 +48,7 @@ def _projection_symbol(u: Update, relaxation: str) -> sp.MatrixSymbol:
     pi = u.binding(MEMBERSHIPS.name)
     if pi is None:
         raise _fail(u, relaxation, f"the step has no memberships {MEMBERSHIPS.name} (a variational_compression step)")
-    found = [s for s in pi.atoms(sp.MatrixSymbol) if s.name == "W_k"]
+    found = [s for s in pi.atoms(sp.MatrixSymbol) if s.name == PROJECTION]
     if len(found) != 1:
         raise _fail(u, relaxation, f"the memberships {to_text(pi)} read no projection W_k")
     return found[0]
@@ -75,11 +75,11 @@ class ProjectionBias(_Rule):
     rule: ClassVar[str] = "W_k = U_kᵀ X → U_kᵀ X + c_k 1ᵀ"
 
     def apply(self, u: Update) -> Update:
-        W = u.binding("W_k")
+        W = u.binding(PROJECTION)
         if not (isinstance(W, sp.MatMul) and len(W.args) == 2 and W.args[0] == SUBSPACES.symbol.T):
             raise _fail(u, self.name, "found no projection W_k = U_kᵀ X to add a bias to")
         biased = W + PROJECTION_BIAS.symbol * sp.OneMatrix(1, W.shape[1])
-        return u.evolve(where=_rebind(u, "W_k", biased), params=merge_params(u.params, (PROJECTION_BIAS,)),
+        return u.evolve(where=_rebind(u, PROJECTION, biased), params=merge_params(u.params, (PROJECTION_BIAS,)),
                         notes=_note(u, self.name))
 
 
@@ -105,6 +105,8 @@ class NormalizedMemberships(_Rule):
 
     def apply(self, u: Update) -> Update:
         W = _projection_symbol(u, self.name)
+        if ReciprocalGain.name in u.notes:  # its statistics were made causal or not already
+            raise _fail(u, self.name, f"apply {self.name} before {ReciprocalGain.name}, which must match its causal flag")
         if not isinstance(u.binding(MEMBERSHIPS.name), HeadSoftmax):
             raise _fail(u, self.name, "the memberships are not a softmax over heads")
         params: tuple[ParamSpec, ...] = (TEMPERATURE,)
@@ -147,6 +149,11 @@ class ReciprocalGain(_Rule):
         S = u.binding(STATISTICS.name)
         if u.binding(GAINS.name) is None or not isinstance(S, Divide):
             raise _fail(u, self.name, f"the step has no gains {GAINS.name} of statistics {STATISTICS.name}")
+        causal_memberships = u.binding(MEMBERSHIPS.name).has(PrefixSum)
+        if self.causal != causal_memberships:  # one causal half would let tokens read later ones
+            raise _fail(u, self.name, "the memberships are causal: use reciprocal_gain {causal: true}"
+                        if causal_memberships else "causal statistics need causal memberships: apply "
+                        "normalized_memberships {causal: true} first")
         if self.causal:
             return self._causal(u)
         ones = sp.OneMatrix(p, 1)

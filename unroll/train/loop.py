@@ -31,6 +31,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from unroll.finite import name_list, nonfinite_names
 from unroll.errors import UnrollError, located
 from unroll.files import output_folder, write_csv
+from unroll.summary import data_constant_count
 from unroll.train import data as datasets
 from unroll.train import state
 from unroll.train.optim import make_optimizer, warmup_cosine
@@ -171,6 +172,9 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
     torch.manual_seed(seed)
     with located(str(recipe_path)):
         model = build(recipe).to(dev)
+    if data_constant_count(model):  # zeros until fitted: training would fit a head to the identity
+        raise UnrollError("this recipe's layers hold constants computed from data (E, C_k, ...), not learned ones; "
+                          "build it with unroll construct", where=str(recipe_path))
     optimizer = make_optimizer(t.optimizer, model.parameters(), t.lr, t.weight_decay)
     steps_per_epoch = len(train_set) // t.batch_size
     if steps_per_epoch == 0:
