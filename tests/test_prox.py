@@ -9,18 +9,17 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
+import scipy.optimize as scipy_optimize
 import sympy as sp
 import torch
 import yaml
 
-scipy_optimize = pytest.importorskip("scipy.optimize")
-
-import unroll  # noqa: E402
-from unroll.derive.steps import prox_of  # noqa: E402
-from unroll.errors import UnrollError  # noqa: E402
-from unroll.expr.nodes import ReLU  # noqa: E402
-from unroll.expr.numeric import evaluate  # noqa: E402
-from unroll.expr.vocabulary import (  # noqa: E402
+import unroll
+from unroll.derive.steps import prox_of
+from unroll.errors import UnrollError
+from unroll.expr.nodes import ReLU
+from unroll.expr.numeric import evaluate
+from unroll.expr.vocabulary import (
     absolute,
     clamp,
     column_norms,
@@ -34,8 +33,8 @@ from unroll.expr.vocabulary import (  # noqa: E402
     row_norms,
     sign,
 )
-from unroll.objective import L1, Box, Custom, ElasticNet, GroupSparsity, Lasso, NonNegative, Term, UnitNorm  # noqa: E402
-from unroll.objective.base import Weighted  # noqa: E402
+from unroll.objective import L1, Box, Custom, ElasticNet, GroupSparsity, Lasso, NonNegative, Term, UnitNorm
+from unroll.objective.base import Weighted
 
 T = 0.4  # the step size η
 ROWS, TOKENS = 6, 5
