@@ -30,3 +30,22 @@ def evaluate_printed(update, step, Z: np.ndarray) -> np.ndarray:
         for t in update.smooth_terms
     }
     return evaluate(update.out, {**step_values(step), "Z": Z}, update.where, smooth)
+
+
+def assert_printed_is_computed(model, network, Z: torch.Tensor) -> None:
+    """Layer 0 of ``model`` computes, on ``Z`` (B, d, N), exactly the updates that ``explain``
+    prints for ``network``, evaluated from their sympy trees (float64)."""
+    from unroll.explain import explain
+    from unroll.expr.printing import to_text
+
+    layer, printed = model.layer(0), Z.numpy()
+    steps = model.plan.encoder.groups[0].steps
+    for d in steps:
+        step = layer.steps[d.final.name]
+        printed = np.stack([evaluate_printed(d.final, step, z) for z in printed])
+    with torch.no_grad():
+        lowered = layer(Z).numpy()
+    assert np.abs(printed - lowered).max() < 1e-10 * max(1.0, np.abs(lowered).max())
+    text = explain(network)
+    for d in steps:  # the expression checked above is the one explain prints
+        assert "Z⁺ = " + to_text(d.final.out) in text

@@ -5,12 +5,11 @@ torch module, in float64."""
 import numpy as np
 import pytest
 import torch
-from conftest import evaluate_printed
+from conftest import assert_printed_is_computed
 
 from unroll.derive import GradientStep, ProximalStep
 from unroll.derive.inverse import invert_layer
 from unroll.explain import explain
-from unroll.expr.printing import to_text
 from unroll.lower.model import lower_network
 from unroll.network import ClassifierHead, Network, PatchFrontend
 from unroll.objective import L1, Compression, DenoisingScore, Lasso, NonNegative
@@ -65,18 +64,7 @@ def test_printed_update_is_computed(variant):
     with torch.no_grad():  # random weights everywhere, LayerNorms included
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    layer = model.layer(0)
-    Z = torch.randn(3, 12, 7, dtype=torch.float64)
-    printed = Z.numpy()
-    for d in model.plan.encoder.groups[0].steps:
-        step = layer.steps[d.final.name]
-        printed = np.stack([evaluate_printed(d.final, step, z) for z in printed])
-    with torch.no_grad():
-        lowered = layer(Z).numpy()
-    assert np.abs(printed - lowered).max() < 1e-10 * max(1.0, np.abs(lowered).max())
-    text = explain(small(VARIANTS[variant]))
-    for d in model.plan.encoder.groups[0].steps:  # the expression checked above is the one explain prints
-        assert "Z⁺ = " + to_text(d.final.out) in text
+    assert_printed_is_computed(model, small(VARIANTS[variant]), torch.randn(3, 12, 7, dtype=torch.float64))
 
 
 def test_explain_names_every_relaxation_and_the_exact_step():

@@ -7,14 +7,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import evaluate_printed
+from conftest import assert_printed_is_computed
 
 import unroll
 from unroll.derive import GradientStep, ProximalStep
 from unroll.derive.steps import derive
-from unroll.explain import explain
 from unroll.expr.numeric import evaluate
-from unroll.expr.printing import to_text
 from unroll.lower.model import lower_network
 from unroll.network import ClassifierHead, Network, PatchFrontend
 from unroll.objective import L1, Lasso, NonNegative, VariationalCompression
@@ -100,18 +98,7 @@ def test_printed_update_is_computed_exact_and_relaxed():
             with torch.no_grad():
                 for q in model.parameters():
                     q.add_(0.3 * torch.randn_like(q))
-            layer = model.layer(0)
-            Z = torch.randn(2, 12, 7, dtype=torch.float64)
-            printed = Z.numpy()
-            for d in model.plan.encoder.groups[0].steps:
-                step = layer.steps[d.final.name]
-                printed = np.stack([evaluate_printed(d.final, step, z) for z in printed])
-            with torch.no_grad():
-                lowered = layer(Z).numpy()
-            assert np.abs(printed - lowered).max() < 1e-10 * max(1.0, np.abs(lowered).max())
-            text = explain(small(steps))
-            for d in model.plan.encoder.groups[0].steps:
-                assert "Z⁺ = " + to_text(d.final.out) in text
+            assert_printed_is_computed(model, small(steps), torch.randn(2, 12, 7, dtype=torch.float64))
 
 
 # --------------------------------------------------- same function as the reference ------------
@@ -152,15 +139,21 @@ class Block(torch.nn.Module):
 def copy_into_reference(step, ref: Block, heads: int):
     """Our weights into the transcription: U_k, c_k are the blocks of qkv, O_k of to_out; our
     output bias enters with the sign of the descent step (``-b``), the reference's with +."""
+    copy_weights(step, ref.norm, ref.attn.qkv, ref.attn.temp, ref.attn.to_out)
+
+
+def copy_weights(step, norm, projection, temp, output) -> None:
+    """The weights a transcription shares with our step: the LayerNorm, U_k and c_k as the blocks of
+    the one projection, temp, O_k as the blocks of the output projection and its bias."""
     K, d, p = step.U.shape
     with torch.no_grad():
-        ref.norm.weight.copy_(step.norm_weight)
-        ref.norm.bias.copy_(step.norm_bias)
-        ref.attn.qkv.weight.copy_(step.U.permute(0, 2, 1).reshape(K * p, d))
-        ref.attn.qkv.bias.copy_(step.c.reshape(K * p))
-        ref.attn.temp.copy_(step.temp.reshape(K, 1))
-        ref.attn.to_out.weight.copy_(step.O.permute(1, 0, 2).reshape(d, K * p))
-        ref.attn.to_out.bias.copy_(-step.b)
+        norm.weight.copy_(step.norm_weight)
+        norm.bias.copy_(step.norm_bias)
+        projection.weight.copy_(step.U.permute(0, 2, 1).reshape(K * p, d))
+        projection.bias.copy_(step.c.reshape(K * p))
+        temp.copy_(step.temp.reshape(K, 1))
+        output.weight.copy_(step.O.permute(1, 0, 2).reshape(d, K * p))
+        output.bias.copy_(-step.b)
 
 
 @pytest.mark.parametrize("optimize", [False, True])
@@ -267,16 +260,9 @@ def test_causal_step_is_the_reference_operator(optimize):
     model = causal_model(optimize, width, heads)
     step = model.layer(0).steps["tssa"]
     ref = CausalBlock(width, heads, BLOCK)
-    K, d, p = step.U.shape
+    copy_weights(step, ref.norm, ref.attn.c_attn, ref.attn.temp, ref.attn.c_proj)
     with torch.no_grad():
-        ref.norm.weight.copy_(step.norm_weight)
-        ref.norm.bias.copy_(step.norm_bias)
-        ref.attn.c_attn.weight.copy_(step.U.permute(0, 2, 1).reshape(K * p, d))
-        ref.attn.c_attn.bias.copy_(step.c.reshape(K * p))
-        ref.attn.temp.copy_(step.temp.reshape(K, 1))
         ref.attn.denom_bias.copy_(step.denom_bias.mT)  # (K, 1, block) -> (K, block, 1)
-        ref.attn.c_proj.weight.copy_(step.O.permute(1, 0, 2).reshape(d, K * p))
-        ref.attn.c_proj.bias.copy_(-step.b)
     x = torch.randn(3, 19, width)
     with torch.no_grad():
         assert (model.layer(0).run(x) - ref(x)).abs().max() < 1e-5
@@ -303,13 +289,7 @@ def test_causal_printed_update_is_computed():
         with torch.no_grad():
             for q in model.parameters():
                 q.add_(0.3 * torch.randn_like(q))
-        (d,) = model.plan.encoder.groups[0].steps
-        step = model.layer(0).steps["tssa"]
-        Z = torch.randn(2, 12, 11, dtype=torch.float64)
-        printed = np.stack([evaluate_printed(d.final, step, z) for z in Z.numpy()])
-        with torch.no_grad():
-            lowered = model.layer(0)(Z).numpy()
-        assert np.abs(printed - lowered).max() < 1e-10 * max(1.0, np.abs(lowered).max())
+        assert_printed_is_computed(model, small(steps), torch.randn(2, 12, 11, dtype=torch.float64))
 
 
 def test_causal_memberships_need_a_block_size():
