@@ -48,11 +48,6 @@ from unroll.network import Network
 from unroll.objective.class_rate import one_hot_memberships, rate, rate_reduction
 
 
-def _data_specs(step: LoweredStep) -> list[str]:
-    """The attributes of ``step``'s data constants."""
-    return [attr for attr, spec in step.specs.items() if spec.from_data]
-
-
 def fit_step(step: LoweredStep, parts, Z: torch.Tensor, labels: torch.Tensor, classes: int) -> None:
     """Fill ``step``'s data constants with its terms' ``fit`` on the features ``Z`` (d, m)."""
     filled: set[str] = set()
@@ -63,7 +58,7 @@ def fit_step(step: LoweredStep, parts, Z: torch.Tensor, labels: torch.Tensor, cl
         for key, value in fit(Z, labels, classes).items():
             if key not in step.specs or not step.specs[key].from_data or key in filled:
                 raise UnrollError(f"step {step.update_name}: {w.term.label}.fit returned {key!r}, which is not one of "
-                                  f"the step's data constants ({', '.join(_data_specs(step))}) or is filled twice")
+                                  f"the step's data constants ({', '.join(step.data_constants)}) or is filled twice")
             buffer = getattr(step, key)
             if value.numel() != buffer.numel():
                 raise UnrollError(f"step {step.update_name}: {w.term.label} fitted {key} of shape {tuple(value.shape)} "
@@ -71,7 +66,7 @@ def fit_step(step: LoweredStep, parts, Z: torch.Tensor, labels: torch.Tensor, cl
                                   f"each class is a head, so architecture.heads must equal the number of classes")
             buffer.copy_(value.reshape(buffer.shape))
             filled.add(key)
-    missing = set(_data_specs(step)) - filled
+    missing = set(step.data_constants) - filled
     if missing:
         raise UnrollError(f"step {step.update_name}: no term's fit computes {', '.join(sorted(missing))}")
 
@@ -135,7 +130,6 @@ class ConstructedNetwork(nn.Module):
         lowered = WhiteBoxClassifier(network, optimize=False).to(dtype)
         self.plan = lowered.plan
         self.frontend, self.encoder = lowered.frontend, lowered.encoder
-        self.parts: dict[tuple[int, str], tuple] = {}  # (layer, step name) -> the weighted terms
         for planned in self.plan.encoder.layers:
             for derived in planned.steps:
                 step = self.encoder.layers[planned.module].steps[derived.name]
@@ -146,8 +140,7 @@ class ConstructedNetwork(nn.Module):
                                       f"parameters ({', '.join(learned)}), which unroll construct cannot compute in "
                                       "closed form; a constructed step takes terms like class_rate (data constants) "
                                       "or parameter-free ones like unit_norm")
-                self.parts[planned.number - 1, derived.name] = derived.parts
-        if not any(_data_specs(step) for layer in self.encoder.layers for step in layer.steps.values()):
+        if not any(step.data_constants for layer in self.encoder.layers for step in layer.steps.values()):
             raise UnrollError("no step has a term with constants computed from data (such as class_rate), so there "
                               "is nothing to construct", field="layer")
         self.head = NearestSubspace(self.classes, d, components, dtype)
@@ -158,13 +151,9 @@ class ConstructedNetwork(nn.Module):
 
     def steps(self, layer: int):
         """``(name, lowered step, weighted terms)`` of encoder layer ``layer`` (from 0), in order."""
-        for name, step in self.encoder.layer(layer).steps.items():
-            yield name, step, self.parts[layer, name]
-
-    @staticmethod
-    def apply(step: LoweredStep, Z: torch.Tensor) -> torch.Tensor:
-        """One lowered step on ``Z`` (B, d, N), tokens as columns."""
-        return step(Z.mT).mT if step.rows else step(Z)
+        planned = self.plan.encoder.layers[layer]
+        for derived in planned.steps:
+            yield derived.name, self.encoder.layers[planned.module].steps[derived.name], derived.parts
 
     def columns(self, images: torch.Tensor) -> torch.Tensor:
         """The front end: images (B, C, H, W) -> (B, d, 1), the pixels on the sphere."""
@@ -207,7 +196,7 @@ def construct(network: Network, images: torch.Tensor, labels: torch.Tensor, comp
     if labels.numel() == 0 or int(labels.min()) < 0 or int(labels.max()) >= classes:
         raise UnrollError(f"the training labels must lie in 0..{classes - 1} (architecture.classes = {classes})")
     if eps is None:
-        eps = next((float(w.term.eps) for parts in model.parts.values() for w in parts
+        eps = next((float(w.term.eps) for derived in model.plan.encoder.steps() for w in derived.parts
                     if callable(getattr(w.term, "fit", None)) and hasattr(w.term, "eps")), 0.1)
     rows = []
     with torch.no_grad():
@@ -227,11 +216,11 @@ def construct(network: Network, images: torch.Tensor, labels: torch.Tensor, comp
         record(0)
         for layer in range(model.depth):
             for _, step, parts in model.steps(layer):
-                if _data_specs(step):
+                if step.data_constants:
                     fit_step(step, parts, Z, labels, classes)  # on the features that reach this step
-                Z = model.apply(step, Z[None])[0]
+                Z = step.run(Z.T[None])[0].T  # the samples as the tokens of one batch
                 if H is not None:
-                    H = model.apply(step, H[None])[0]
+                    H = step.run(H.T[None])[0].T
             record(layer + 1)
         model.head.U.copy_(class_subspaces(Z, labels, classes, components))
     return model.eval(), rows

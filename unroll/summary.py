@@ -19,7 +19,7 @@ def data_constant_count(model: torch.nn.Module) -> int:
     from unroll.lower.step import LoweredStep
 
     return sum(getattr(m, attr).numel() for m in model.modules() if isinstance(m, LoweredStep)
-               for attr, spec in m.specs.items() if spec.from_data)
+               for attr in m.data_constants)
 
 
 def _cpu_flash_attention(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:

@@ -57,7 +57,7 @@ class Layer(nn.Module):
     def run(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, N, d) -> (B, N, d): each step in the layout it was lowered for."""
         for step in self.steps.values():
-            tokens = step(tokens) if step.rows else step(tokens.mT).mT
+            tokens = step.run(tokens)
         return tokens
 
     def forward(self, Z: torch.Tensor) -> torch.Tensor:

@@ -160,6 +160,16 @@ class LoweredStep(nn.Module):
                 env[s.name] = lowering.matrix(e)(env)
         return lowering.matrix(expr)(env)
 
+    @property
+    def data_constants(self) -> list[str]:
+        """The attributes of this step's data constants (``ParamSpec`` ``init`` ``("data",)``):
+        buffers that ``unroll construct`` fills from the training data."""
+        return [attr for attr, spec in self.specs.items() if spec.from_data]
+
+    def run(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, d) -> (B, N, d), tokens as rows whatever layout the step was lowered for."""
+        return self(tokens) if self.rows else self(tokens.mT).mT
+
     def forward(self, Z: torch.Tensor) -> torch.Tensor:
         """``Z``: (B, d, N), tokens as columns; (B, N, d) for an optimised step (``rows``)."""
         env = self._env(Z)
