@@ -33,7 +33,7 @@ from unroll.expr.symbols import N, d as dim, m, size_value
 from unroll.relax.tidy import matmul_factors
 from unroll.network import Group, Network
 from unroll.objective.base import ParamSpec, Term, Weighted
-from unroll.relax.rules import apply_all, prune
+from unroll.relax.rules import apply_all, prune, terms_of
 
 
 @dataclass(frozen=True)
@@ -301,8 +301,7 @@ def _check_causal(u: Update, sizes: Mapping[str, int], tokens: int) -> None:
             if held < tokens:
                 raise UnrollError(f"{node.arg} holds {held} positions (its block_size) but the network has "
                                   f"{tokens} tokens; raise block_size to at least {tokens}")
-    terms = u.out.args if isinstance(u.out, sp.MatAdd) else (u.out,)
-    scales = [matmul_factors(t)[0] for t in terms] + [e for s, e in u.where if not getattr(s, "is_Matrix", False)]
+    scales = [matmul_factors(t)[0] for t in terms_of(u.out)] + [e for s, e in u.where if not getattr(s, "is_Matrix", False)]
     if any(N in sp.sympify(c).free_symbols for c in scales):
         raise UnrollError("this causal step scales by a function of N, the number of tokens, so a token's output "
                           "would depend on how many tokens follow it; untie the output (untie_output) so that a "

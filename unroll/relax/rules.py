@@ -90,7 +90,8 @@ def _projection(u: Update, W: sp.MatrixSymbol) -> sp.Basic | None:
     return None
 
 
-def _terms(expr: sp.MatrixExpr) -> tuple[sp.Basic, ...]:
+def terms_of(expr: sp.MatrixExpr) -> tuple[sp.Basic, ...]:
+    """The terms of a sum (an expression that is not a sum is its one term)."""
     return expr.args if isinstance(expr, sp.MatAdd) else (expr,)
 
 
@@ -116,7 +117,7 @@ class CompleteSubspaces(_Rule):
 
     def apply(self, u: Update) -> Update:
         terms, hits = [], 0
-        for t in _terms(u.out):
+        for t in terms_of(u.out):
             match = _head_sum_of_subspaces(t)
             X = _projection(u, match[1][0]) if match and len(match[1]) == 1 else None
             if X is not None:
@@ -205,7 +206,7 @@ class UntieOutput(_Rule):
     def apply(self, u: Update) -> Update:
         O = OUTPUT
         terms, signs = [], []
-        for t in _terms(u.out):
+        for t in terms_of(u.out):
             match = _head_sum_of_subspaces(t)
             if match:  # the size of the scalar in front is absorbed by O, its sign is kept
                 sign = sp.sign(match[0])
