@@ -56,7 +56,10 @@ class _Step:
 
 
 #: a step size: a positive, finite number
-StepSize = Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]
+#: the bounds recipes and the Python API share (the schema imports them)
+MAX_ITERATIONS = 64  # proximal iterations per step
+MAX_STEP_SIZE = 1e6
+StepSize = Annotated[float, Field(gt=0, le=MAX_STEP_SIZE, allow_inf_nan=False)]
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ class GradientStep(_Step):
 class ProximalStep(_Step):
     on: Objective | Term
     step_size: StepSize = 0.1
-    iterations: Annotated[int, Field(ge=1, le=64)] = 1
+    iterations: Annotated[int, Field(ge=1, le=MAX_ITERATIONS)] = 1
     warm_start: Literal["input", "zero"] = "input"
     #: what the step outputs: the code itself, ``D A`` or ``D1 A`` with a separate dictionary D1
     decode: Literal["none", "tied", "decoupled"] = "none"

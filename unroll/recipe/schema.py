@@ -17,7 +17,7 @@ import sympy as sp
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
 
 from unroll.derive.inverse import invert_groups, invert_layer
-from unroll.derive.steps import GradientStep, ProximalStep, SynthesisStep, step_name_problem
+from unroll.derive.steps import MAX_ITERATIONS, GradientStep, ProximalStep, SynthesisStep, step_name_problem
 from unroll.network import ClassifierHead, Group, MaskedAutoencoder, Network, PatchFrontend
 from unroll.objective import CodingRate, Compression, DenoisingScore, L1, Lasso, NonNegative, Objective, Weighted
 from unroll.objective import Box, ElasticNet, GroupSparsity, UnitNorm, VariationalCompression
@@ -53,7 +53,7 @@ MAX_CHANNELS = 64
 MAX_CLASSES = 1 << 18
 MAX_STEPS = 32  # steps per layer
 MAX_GROUPS = 32  # groups of different layers
-MAX_ITERATIONS = 64  # proximal iterations per step
+# MAX_ITERATIONS, the proximal iterations of one step, is the steps' own bound (imported above)
 MAX_LAYER_ITERATIONS = 64  # iterations of all the steps of one layer (a gradient step counts 1)
 #: depth x iterations per layer, encoder and decoder together: every unrolled step is lowered,
 #: and counted by the FLOP counter of `unroll build`, one at a time
