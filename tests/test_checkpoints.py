@@ -334,7 +334,7 @@ def test_a_new_run_into_a_folder_with_a_run_is_refused_and_changes_nothing(tmp_p
     run, over = tmp_path / "run", SMALL + ["training.epochs=3"]
     train(DIGITS, run, seed=0, overrides=over, console=QUIET)
     before, loaded = snapshot(run), []
-    monkeypatch.setattr(datasets, "load", lambda *a: loaded.append(a))  # refused before any work
+    monkeypatch.setattr(datasets, "open_data", lambda *a: loaded.append(a))  # refused before any work
     assert main(["train", str(DIGITS), "--out", str(run), "--seed", "1", *sets(over)]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert (f"{run}: already holds a training run (checkpoints up to epoch 3); continue it with --resume, "
@@ -462,7 +462,8 @@ def test_out_that_is_a_file_fails_before_training(tmp_path, capsys):
 def test_off_a_terminal_one_plain_line_per_epoch_and_no_bar(tmp_path):
     text = StringIO()
     train(DIGITS, tmp_path, overrides=SMALL + ["training.epochs=3"], console=Console(file=text, width=60))
-    lines = text.getvalue().splitlines()
+    setup, *lines = text.getvalue().splitlines()
+    assert setup.startswith("digits: 1,347 training and 450 validation images, 10 classes; batch 64 = 1 process")
     assert [line.split("  ")[0] for line in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
     assert all("train loss" in line and "val loss" in line and " lr " in line and line.endswith(" s") for line in lines)
 
@@ -477,7 +478,7 @@ def test_on_a_terminal_one_bar_for_all_epochs(tmp_path, monkeypatch):
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_finite_checkpoints(tmp_path, monkeypatch):
-    steps = len(datasets.split(datasets.digits())[0]) // 64
+    steps = len(datasets.open_data("digits", 8, 1).train) // 64
     real, calls = torch.nn.functional.cross_entropy, []
 
     def poisoned(logits, *a, **k):

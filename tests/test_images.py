@@ -49,7 +49,7 @@ def class_folder(tmp_path: Path, files: dict[str, bytes]) -> Path:
 
 
 def both_refuse(path: Path, tmp_path: Path, *expected: str) -> None:
-    """``load_image`` and ``image_folder`` each raise an UnrollError naming ``path`` and saying
+    """``load_image`` and reading the image from an ``image_folder`` each raise an UnrollError naming ``path`` and saying
     ``expected``, with any warning turned into an error that would escape."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -57,7 +57,7 @@ def both_refuse(path: Path, tmp_path: Path, *expected: str) -> None:
             load_image(path, 8, 3)
         root = class_folder(tmp_path, {path.name: path.read_bytes()})
         with pytest.raises(UnrollError) as folder:
-            datasets.image_folder(root, 8, 3)
+            datasets.image_folder(root, 3)[0]
     for error, where in ((single.value, path), (folder.value, root / "a" / path.name)):
         assert error.where == str(where)
         for text in expected:
@@ -116,10 +116,10 @@ def test_a_directory_named_like_an_image(tmp_path):
         load_image(tmp_path / "dir.png", 8, 3)
     assert error.value.where == str(tmp_path / "dir.png") and "found a directory" in error.value.message
     root = tmp_path / "data"
-    (root / "a" / "sub.jpg").mkdir(parents=True)
+    (root / "a" / "sub.jpg").mkdir(parents=True)  # a folder is no image: the class has none
     with pytest.raises(UnrollError) as error:
-        datasets.image_folder(root, 8, 3)
-    assert error.value.where == str(root / "a" / "sub.jpg") and "found a directory" in error.value.message
+        datasets.image_folder(root, 3)
+    assert error.value.where == str(root) and "one sub-folder per class" in error.value.message
 
 
 def test_a_missing_image(tmp_path):
@@ -149,19 +149,20 @@ def test_alpha_is_dropped_and_palettes_expand(tmp_path):
         assert torch.equal(image, torch.tensor([1.0, 0.0, 0.0])[:, None, None].expand(3, 8, 8)), name
 
 
-def test_an_image_folder_keeps_its_channel_check_and_load_image_converts(tmp_path):
+def test_an_image_folder_converts_each_image_to_the_recipes_channels(tmp_path):
     root = class_folder(tmp_path, {"rgb.png": noise_image("png")})
-    with pytest.raises(UnrollError) as error:
-        datasets.image_folder(root, 8, 1)
-    assert "expected 1-channel images" in error.value.message and "found 3 channels (RGB)" in error.value.message
-    assert load_image(root / "a" / "rgb.png", 8, 1).shape == (1, 8, 8)  # a picture to look at: converted
+    grey = datasets.image_folder(root, 1)[0][0]
+    assert grey.mode == "L"
+    expected = Image.open(root / "a" / "rgb.png").convert("L")
+    assert np.array_equal(np.asarray(grey), np.asarray(expected))
 
 
 # --- named data sets ---------------------------------------------------------------------------------
 
 
 def test_digits_for_a_224_pixel_colour_recipe_says_what_would_fit(tmp_path, capsys):
-    rc = main(["train", str(ROOT / "recipes/crate_tiny.yaml"), "--data", "digits", "--out", str(tmp_path / "o")])
+    rc = main(["train", str(ROOT / "recipes/crate_tiny.yaml"), "--data", "digits", "--out", str(tmp_path / "o"),
+               "--set", "training.batch_size=8"])
     err = capsys.readouterr().err
     assert rc == 2
     assert "digits are 1×8×8 images, the recipe's are 3×224×224" in err
@@ -171,27 +172,28 @@ def test_digits_for_a_224_pixel_colour_recipe_says_what_would_fit(tmp_path, caps
 
 def test_mixtures_too_small_for_the_recipe_say_what_to_raise():
     with pytest.raises(UnrollError) as error:
-        datasets.load("mixtures", 2, 1)
+        datasets.open_data("mixtures", 2, 1)
     assert "need images of at least 12 pixels, the recipe's have 1×2×2" in error.value.message
     assert "raise architecture.image_size" in error.value.message
 
 
 def test_mixtures_of_large_images_are_refused_at_once(tmp_path, capsys):
     # generating them takes a QR of a (values × values) matrix: minutes at 64×64×3, 90 GB at 224×224×3
-    rc = main(["train", str(ROOT / "recipes/crate_tiny.yaml"), "--data", "mixtures", "--out", str(tmp_path / "o")])
+    rc = main(["train", str(ROOT / "recipes/crate_tiny.yaml"), "--data", "mixtures", "--out", str(tmp_path / "o"),
+               "--set", "training.batch_size=8"])
     err = " ".join(capsys.readouterr().err.split())
     assert rc == 2 and "Traceback" not in err
     assert ("mixtures are generated for small images: at most 4,096 values per image (channels × height × width), "
             "the recipe's have 150,528") in err and "give --data an ImageFolder" in err
     with pytest.raises(UnrollError, match="at most 4,096 values per image .*, the recipe's have 4,225 "):
-        datasets.load("mixtures", 65, 1)
+        datasets.open_data("mixtures", 65, 1)
 
 
 def test_unknown_data_is_neither_a_name_nor_a_directory(tmp_path):
     with pytest.raises(UnrollError) as error:
-        datasets.load(str(tmp_path / "digitz"), 8, 1)
+        datasets.open_data(str(tmp_path / "digitz"), 8, 1)
     assert error.value.where == str(tmp_path / "digitz")
-    assert error.value.message == "no such data directory; expected digits, mixtures, or an ImageFolder directory"
+    assert error.value.message == f"no such data directory; expected {datasets.DATA_HELP}"
     (tmp_path / "file").write_text("x")
-    with pytest.raises(UnrollError, match="found a file; expected digits, mixtures, or an ImageFolder directory"):
-        datasets.load(str(tmp_path / "file"), 8, 1)
+    with pytest.raises(UnrollError, match="found a file; expected digits, mixtures, an ImageFolder directory"):
+        datasets.open_data(str(tmp_path / "file"), 8, 1)

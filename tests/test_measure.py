@@ -20,7 +20,7 @@ from unroll.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "recipes/crate_digits.yaml"
-MIXTURES = ["architecture.classes=4", "architecture.width=48", "training.data=mixtures", "training.shift=0",
+MIXTURES = ["architecture.classes=4", "architecture.width=48", "training.data=mixtures", "training.augment.shift=0",
             "training.lr=5e-3", "training.warmup_epochs=1", "training.epochs=6"]
 QUIET = Console(file=open(os.devnull, "w"))
 
@@ -28,8 +28,8 @@ QUIET = Console(file=open(os.devnull, "w"))
 def test_compression_falls_and_sparsity_rises_with_depth_on_mixtures(tmp_path):
     train(DIGITS, tmp_path, seed=0, overrides=MIXTURES, console=QUIET)
     model = unroll.build(load_recipe(DIGITS, MIXTURES), checkpoint=tmp_path / "model.safetensors").eval()
-    _, held_out = datasets.split(datasets.mixtures())
-    rows = measure(model, held_out.images[:200])
+    held_out, _ = datasets.stack(datasets.open_data("mixtures", 8, 1).val, 200)
+    rows = measure(model, held_out)
     rc = [r["compress: R^c"] for r in rows]
     zeros = [r["zeros"] for r in rows]
     assert len(rows) == 4

@@ -262,9 +262,9 @@ def test_stored_buffers_reload_and_classify(constructed):
     keys = {"encoder.layers.0.steps.expand_compress.E", "encoder.layers.19.steps.expand_compress.C",
             "encoder.layers.0.steps.expand_compress.gamma", "head.U"}
     assert keys <= set(model.state_dict())
-    _, held = datasets.split(datasets.load("digits", 8, 1))
+    images, labels = datasets.stack(datasets.open_data("digits", 8, 1).val)
     with torch.no_grad():
-        accuracy = float((model(held.images).argmax(1) == held.labels).double().mean())
+        accuracy = float((model(images).argmax(1) == labels).double().mean())
     assert accuracy == pytest.approx(_csv(out / "metrics.csv")[-1]["val_acc"], abs=1e-6)
 
 

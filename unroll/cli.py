@@ -1,4 +1,4 @@
-"""``unroll build | explain | convert | bench | train | construct | measure | attention``: the command line.
+"""``unroll build | explain | convert | bench | train | eval | construct | measure | attention``: the command line.
 
 It behaves like a Unix tool: a usage mistake prints the usage and exits 2, a mistake in the input
 (a recipe, a checkpoint, an image, an output folder) prints ``error: <where>: <what>`` and exits 2,
@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from unroll.errors import UnrollError, excerpt, located, note
+from unroll.files import output_folder
 
 #: plain help and usage text: rich markup would swallow the `[default: ...]` brackets
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
@@ -57,6 +58,12 @@ def _main(
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", metavar="RECIPE", show_default=False)]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", callback=_check_overrides,
                                                      help="override a recipe field: key.sub=value (repeatable)")]
+DataOpt = Annotated[Optional[str], typer.Option(help="digits, mixtures, an ImageFolder DIR (with train/ and val/, or split "
+                                                     "here), or cifar10:DIR / cifar100:DIR", show_default="the recipe's training.data")]
+WorkersOpt = Annotated[Optional[int], typer.Option(help="loader worker processes", min=0, max=256,
+                                                   show_default="0 for digits and mixtures, else min(8, cores)")]
+PrecisionOpt = Annotated[Optional[str], typer.Option(help="bfloat16 (autocast) or float32", show_default="bfloat16 on a GPU, else float32")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu or cuda", show_default="cuda if available")]
 MaxMemory = Annotated[float, typer.Option("--max-memory", metavar="GIB", min=0.001,
                                           help="refuse a build whose estimated memory exceeds this")]
 
@@ -72,7 +79,8 @@ def _within_budget(recipe: Path, overrides: list[str], max_memory: float, batch:
     resolved = load_recipe(recipe, overrides)
     with located(str(recipe)):
         network = to_network(resolved)
-        check_budget(network, max_memory, optimize, batch or resolved.training.batch_size, training, measuring)
+        micro_batch = resolved.training.batch_size // resolved.training.accumulate  # what one process holds at once
+        check_budget(network, max_memory, optimize, batch or micro_batch, training, measuring)
     return resolved, network
 
 
@@ -89,7 +97,7 @@ def build(
     import torch
 
     from unroll.checkpoint import weights_writer
-    from unroll.files import output_folder, text_writer, write_files
+    from unroll.files import text_writer, write_files
     from unroll.lower.model import lower_network
     from unroll.recipe import recipe_yaml
     from unroll.summary import data_constant_count, flops_per_sample, layout, parameter_count, step_rows
@@ -227,11 +235,17 @@ def bench(
 @app.command()
 def train(
     recipe: RecipeArg,
-    data: Annotated[Optional[str], typer.Option(help="digits, mixtures, or an ImageFolder directory", show_default="the recipe's training.data")] = None,
+    data: DataOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="output folder", show_default="runs/<recipe name>")] = None,
-    seed: Annotated[int, typer.Option(help="seed of the initial weights and of the data order")] = 0,
+    seed: Annotated[int, typer.Option(help="seed of the initial weights, the data order and the augmentation")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out where it stopped")] = False,
-    device: Annotated[Optional[str], typer.Option(help="cpu or cuda", show_default="cuda if available")] = None,
+    init: Annotated[Optional[Path], typer.Option("--init", help="start from these weights (model.safetensors, or a run "
+                                                 "folder): fine-tuning; a new class count gets a fresh classifier",
+                                                 show_default=False)] = None,
+    workers: WorkersOpt = None,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the training step")] = False,
+    precision: PrecisionOpt = None,
+    device: DeviceOpt = None,
     max_memory: MaxMemory = 16.0,
     set: SetOpt = None,
 ) -> None:
@@ -240,16 +254,68 @@ def train(
 
     resolved, _ = _within_budget(recipe, set or [], max_memory, batch=None, training=True)
     folder = out or Path("runs") / resolved.name
-    rows = train_model(recipe, folder, data, seed, set or [], resume, device)
+    rows = train_model(recipe, folder, data, seed, set or [], resume, device, init=init, workers=workers,
+                       compile=compile, precision=precision)
     if rows and int(os.environ.get("RANK", "0")) == 0:
         last = rows[-1]
         print(f"epoch {last['epoch']}: val_acc {last['val_acc']:.4f}, val_loss {last['val_loss']:.4f}; wrote {folder}")
 
 
+@app.command("eval")
+def evaluate(
+    recipe: RecipeArg,
+    checkpoint: Annotated[Path, typer.Option(help="model.safetensors (from unroll train or unroll convert), or a run folder",
+                                             show_default=False)],
+    data: DataOpt = None,
+    batch: Annotated[int, typer.Option(help="images per forward", min=1, max=1 << 16)] = 256,
+    out: Annotated[Optional[Path], typer.Option(help="JSON file of the scores", show_default="runs/<recipe name>/eval.json")] = None,
+    workers: WorkersOpt = None,
+    precision: PrecisionOpt = None,
+    device: DeviceOpt = None,
+    max_memory: MaxMemory = 16.0,
+    set: SetOpt = None,
+) -> None:
+    """Top-1 and top-5 accuracy, loss and images/s of the weights on the data's validation split."""
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from unroll.files import text_writer, write_files
+    from unroll.train.evaluate import SCORES, evaluate_recipe
+
+    resolved, network = _within_budget(recipe, set or [], max_memory, batch)
+    target = out or Path("runs") / resolved.name / "eval.json"
+    if target.is_dir():
+        raise UnrollError("--out names the JSON file to write, and this is a folder", where=str(target))
+    output_folder(target.parent)  # a bad --out fails before the work
+    progress = Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                        TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+    with progress:
+        task = progress.add_task("", total=None, rate="")
+        began = time.perf_counter()
+
+        def advance(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total,
+                            rate=f"{done / max(time.perf_counter() - began, 1e-9):,.0f} images/s")
+
+        with located(str(recipe)):
+            scores, source = evaluate_recipe(resolved, network, checkpoint, data, batch, workers, device, precision, advance)
+    record = {"recipe": str(recipe), "checkpoint": str(checkpoint), "data": data or resolved.training.data,
+              "split": "validation", **scores.as_dict()}
+    table = Table(title=f"{resolved.name} on {source} (validation split)")
+    for key in SCORES:
+        table.add_column(key, justify="right")
+    table.add_row(f"{scores.top1:.2%}", f"{scores.top5:.2%}", f"{scores.loss:.4f}", f"{scores.images:,}",
+                  f"{scores.images_per_second:,.1f}")
+    console.print(table)
+    written, = write_files(target.parent, {target.name: text_writer(json.dumps(record, indent=2) + "\n")})
+    print(f"top-1 {scores.top1:.4f}, top-5 {scores.top5:.4f}, loss {scores.loss:.4f} on {scores.images:,} images; wrote {written}")
+
+
 @app.command()
 def construct(
     recipe: RecipeArg,
-    data: Annotated[Optional[str], typer.Option(help="digits, mixtures, or an ImageFolder directory", show_default="the recipe's training.data")] = None,
+    data: DataOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="output folder", show_default="runs/<recipe name>")] = None,
     max_memory: MaxMemory = 16.0,
     set: SetOpt = None,
@@ -282,24 +348,25 @@ def _built(recipe: Path, checkpoint: Optional[Path], overrides: list[str], max_m
 def measure(
     recipe: RecipeArg,
     checkpoint: Annotated[Optional[Path], typer.Option(help="model.safetensors (e.g. from unroll train)", show_default="fresh random weights")] = None,
-    data: Annotated[Optional[str], typer.Option(help="digits, mixtures or an ImageFolder", show_default="the recipe's training.data")] = None,
+    data: DataOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="folder for measure.csv and measure.png", show_default="runs/<recipe name>/measure")] = None,
     samples: Annotated[int, typer.Option(help="held-out images to measure on", min=1, max=100_000)] = 256,
     max_memory: MaxMemory = 16.0,
     set: SetOpt = None,
 ) -> None:
     """Per layer, the objective each layer was derived from: R^c, sparsity, R, sparse rate reduction."""
-    from unroll.files import output_folder
     from unroll.measure import columns, measure as measure_layers, write
     from unroll.train import data as datasets
+    from unroll.train.transforms import eval_transform
 
     resolved, model = _built(recipe, checkpoint, set or [], max_memory, batch=samples, measuring=True)  # one forward of all
     folder = output_folder(out or Path("runs") / resolved.name / "measure")
     a = resolved.architecture
     with located(str(recipe)):
-        _, held_out = datasets.split(datasets.load(data or resolved.training.data, a.image_size, a.channels))
-    rows = measure_layers(model, held_out.images[:samples])
-    table = Table(title=f"{resolved.name}: the objective, layer by layer ({min(samples, len(held_out))} held-out images)")
+        held_out = datasets.open_data(data or resolved.training.data, a.image_size, a.channels).val
+        images, _ = datasets.stack(held_out, samples, eval_transform(resolved.training, a.image_size, a.channels))
+    rows = measure_layers(model, images)
+    table = Table(title=f"{resolved.name}: the objective, layer by layer ({len(images)} held-out images)")
     fields = columns(rows)
     for key in fields:
         table.add_column(key, justify="right")
@@ -323,7 +390,6 @@ def attention(
 ) -> None:
     """Save each head's attention of the cls token over the patches as PNG overlays on the image."""
     from unroll.attention import cls_attention, load_image, save_overlays
-    from unroll.files import output_folder
 
     output_folder(out)
     resolved, model = _built(recipe, checkpoint, set or [], max_memory)

@@ -261,6 +261,7 @@ def construct_recipe(recipe, data: str | None, out, overrides: list[str], max_me
     from unroll.recipe import load_recipe, recipe_yaml, to_network
     from unroll.recipe.schema import Construct
     from unroll.train import data as datasets
+    from unroll.train.transforms import eval_transform
 
     start = time.perf_counter()
     resolved = load_recipe(recipe, overrides)
@@ -270,23 +271,25 @@ def construct_recipe(recipe, data: str | None, out, overrides: list[str], max_me
         network = to_network(resolved)
         ConstructedNetwork(network, settings.components)  # the recipe's mistakes before the data is read
         folder = output_folder(out or Path("runs") / resolved.name)
-        dataset = datasets.load(data or resolved.training.data, a.image_size, a.channels)
-        found = int(dataset.labels.max()) + 1 if len(dataset) else 0
+        source = datasets.open_data(data or resolved.training.data, a.image_size, a.channels)
+        labels = torch.tensor(datasets.labels_of(source.train) + datasets.labels_of(source.val), dtype=torch.int64)
+        found = int(labels.max()) + 1 if len(labels) else 0
         if a.classes < 2:
             raise UnrollError("forward construction separates classes: at least 2 are needed",
                               field="architecture.classes")
-        if len(torch.unique(dataset.labels)) < 2 or found > a.classes:
+        if len(torch.unique(labels)) < 2 or found > a.classes:
             raise UnrollError(f"forward construction needs labelled data of 2 to {a.classes} classes "
-                              f"(architecture.classes); {dataset.name} has labels of {found} classes",
+                              f"(architecture.classes); {source.name} has labels of {found} classes",
                               field="architecture.classes")
-        train, held_out = datasets.split(dataset)
-        need = memory_bytes(network, len(dataset))
+        need = memory_bytes(network, len(labels))
         if need > max_memory_gib * 2**30:
             raise UnrollError(f"constructing this network needs about {need / 2**30:.2f} GiB, more than the limit of "
                               f"{max_memory_gib:g} GiB; use fewer layers or classes, or raise --max-memory",
                               field="architecture")
-        model, rows = construct(network, train.images, train.labels, settings.components,
-                                (held_out.images, held_out.labels))
+        # construction reads every training image at once (its statistics are of the whole set)
+        pixels = eval_transform(resolved.training, a.image_size, a.channels)
+        train, held_out = datasets.stack(source.train, transform=pixels), datasets.stack(source.val, transform=pixels)
+        model, rows = construct(network, *train, settings.components, held_out)
     write_files(folder, {"model.safetensors": weights_writer(model.state_dict()),
                          "recipe.yaml": text_writer(recipe_yaml(resolved)),
                          "metrics.csv": text_writer(csv_text(rows, METRICS))})

@@ -35,11 +35,19 @@ def image_mode(channels: int, where: str | Path) -> str:
 
 
 def read_image(path: str | Path, image_size: int, channels: int, strict: bool = True) -> torch.Tensor:
-    """(C, H, W) float32 in [0, 1], resized to ``image_size`` x ``image_size``.
+    """(C, H, W) float32 in [0, 1], resized to ``image_size`` x ``image_size`` (see :func:`open_image`)."""
+    image = open_image(path, channels, strict).resize((image_size, image_size))
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).reshape(image_size, image_size, channels).permute(2, 0, 1)
+
+
+def open_image(path: str | Path, channels: int, strict: bool = False):
+    """The decoded PIL image in the mode of ``channels`` (``L`` or ``RGB``), at its own size.
 
     An alpha band is dropped and a palette image is expanded. ``strict``: the file must already
-    have ``channels`` colour bands (a palette counts as 3), so a data set never mixes grey and
-    colour unnoticed; otherwise any image is converted.
+    have ``channels`` colour bands (a palette counts as 3), so a picture never changes colour
+    unnoticed; otherwise any image is converted, as a large data set needs (ImageNet holds a few
+    grey and CMYK JPEGs among its colour ones).
     """
     from PIL import Image
 
@@ -62,7 +70,8 @@ def read_image(path: str | Path, image_size: int, channels: int, strict: bool = 
                 if strict and len(bands) != channels and not (img.mode == "P" and channels == 3):
                     raise UnrollError(f"expected {channels}-channel images (the recipe's architecture.channels), "
                                       f"found {len(bands)} channels ({img.mode})", where=str(path))
-                array = np.asarray(img.convert(mode).resize((image_size, image_size)), dtype=np.float32) / 255.0
+                converted = img.convert(mode)
+                converted.load()  # decode now, inside the checks: a damaged file fails here
         except UnrollError:
             raise
         except Image.DecompressionBombError as e:  # more than twice PIL's limit: refused at open
@@ -72,7 +81,7 @@ def read_image(path: str | Path, image_size: int, channels: int, strict: bool = 
             raise UnrollError("cannot read the file: permission denied", where=str(path)) from None
         except Exception as e:  # a damaged file can fail anywhere inside PIL's decoders
             raise _unreadable(e, path) from None
-    return torch.from_numpy(array).reshape(image_size, image_size, channels).permute(2, 0, 1)
+    return converted
 
 
 def _too_large(size: str, path: Path) -> UnrollError:

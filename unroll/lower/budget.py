@@ -102,6 +102,7 @@ def check_budget(network: Network, limit_gib: float, optimize: bool = True, batc
     if found.total_bytes > limit_gib * GIB:
         raise UnrollError(
             f"this {'training run' if training else 'build'} needs {found.describe()}, more than the limit of {limit_gib:g} GiB; "
-            "use smaller sizes, or raise the limit with --max-memory GIB on a machine that has the memory",
+            "use smaller sizes, " + ("split each batch into micro-batches (--set training.accumulate=N), " if training else "")
+            + "or raise the limit with --max-memory GIB on a machine that has the memory",
             field="architecture")
     return found

@@ -24,6 +24,7 @@ from unroll.objective import Box, ElasticNet, GroupSparsity, UnitNorm, Variation
 from unroll.objective import ClassRate
 from unroll.errors import excerpt
 from unroll.relax.rules import RELAXATIONS
+from unroll.recipe.training import Training
 
 TERMS: dict[str, type] = {
     "coding_rate": CodingRate,
@@ -279,22 +280,6 @@ class Decoder(_Strict):
         if isinstance(value, list) and not 1 <= len(value) <= MAX_STEPS:
             raise ValueError(f"expected 1 to {MAX_STEPS} steps, found {len(value)}")
         return value
-
-
-class Training(_Strict):
-    """How ``unroll train`` trains the recipe (every field can be overridden with ``--set``)."""
-
-    data: str = Field("digits", min_length=1, max_length=4096, description="digits, mixtures, or an ImageFolder directory")
-    epochs: int = Field(30, ge=1, le=100_000)
-    batch_size: int = Field(64, ge=1, le=1 << 20)
-    optimizer: Literal["adamw", "lion"] = "adamw"
-    lr: float = Field(1e-3, gt=0, le=10)
-    weight_decay: float = Field(0.05, ge=0, le=10)
-    warmup_epochs: int = Field(2, ge=0, le=100_000)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    clip_grad: float | None = Field(1.0, gt=0, le=MAX_MAGNITUDE)
-    #: random shifts of up to this many pixels (0: none), a cheap augmentation for small images
-    shift: int = Field(0, ge=0, le=64)
 
 
 class Construct(_Strict):

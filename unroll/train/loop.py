@@ -1,20 +1,26 @@
 """``unroll train``: one command from a recipe to a trained, checkpointed classifier.
 
-Data order depends only on the seed and the epoch, the RNG state is checkpointed, and the
-learning rate follows a per-step schedule that is checkpointed too, so ``--resume`` continues
+Images stream from :mod:`unroll.train.data` through the recipe's transforms
+(:mod:`unroll.train.transforms`) in loader worker processes (:mod:`unroll.train.loader`), whose
+order and augmentation depend only on the seed, the epoch and the image; the learning-rate
+schedule (per step or per epoch) and the optimiser are checkpointed, so ``--resume`` continues
 exactly where a run stopped. Each epoch ends with a row of ``metrics.csv``, a checkpoint folder
 published whole (see :mod:`unroll.train.state`) and one plain line on the console (flushed, so a
-redirected run can be followed); the live progress bar is drawn only on a terminal. A NaN or
-infinite loss or weight stops the run with an error before anything non-finite is saved. A
-folder holds one run: a new run into a folder with checkpoints is refused. Under ``torchrun``
-every process trains a disjoint share of each global batch inside torch's
-DistributedDataParallel (gloo on CPU, nccl on GPU); with equal shares, the averaged gradient is
-the single-process gradient of the global batch.
+redirected run can be followed); the live progress bar is drawn only on a terminal and shows the
+images/s of the loader and of the model apart, so a slow one is seen. A NaN or infinite loss or
+weight stops the run with an error before anything non-finite is saved. A folder holds one run: a
+new run into a folder with checkpoints is refused.
+
+A step's batch of ``training.batch_size`` images is split over the processes (torchrun: torch's
+DistributedDataParallel, gloo on CPU, nccl on GPU) and, within each, into ``training.accumulate``
+micro-batches whose gradients add up before the one update; the loss of each is scaled so that
+the update is that of the whole batch's mean loss, however it was split.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import math
 import os
@@ -28,13 +34,18 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from unroll.finite import name_list, nonfinite_names
 from unroll.errors import UnrollError, located
 from unroll.files import output_folder, write_csv
+from unroll.finite import name_list, nonfinite_names
 from unroll.summary import data_constant_count
 from unroll.train import data as datasets
 from unroll.train import state
+from unroll.train.device import pick_device, precision_context
+from unroll.train.evaluate import evaluate
+from unroll.train.init import initialise
+from unroll.train.loader import Transformed, batch_seed, batches, default_workers, eval_loader, seeded, train_loader
 from unroll.train.optim import make_optimizer, warmup_cosine
+from unroll.train.transforms import batch_mixing, eval_transform, train_transform
 
 METRICS = state.METRICS
 
@@ -68,19 +79,6 @@ def _leave() -> None:
         dist.destroy_process_group()
 
 
-def _shift(images: torch.Tensor, pixels: int, offsets: torch.Tensor) -> torch.Tensor:
-    """Translate each image by its ``offsets`` (2, B) in [0, 2 pixels] (zero padding)."""
-    if pixels == 0:
-        return images
-    padded = F.pad(images, (pixels,) * 4)
-    h, w = images.shape[-2:]
-    dy, dx = offsets
-    rows = (torch.arange(h)[None, :] + dy[:, None])[:, None, :, None]
-    cols = (torch.arange(w)[None, :] + dx[:, None])[:, None, None, :]
-    return padded.gather(2, rows.expand(-1, images.shape[1], -1, padded.shape[-1])).gather(
-        3, cols.expand(-1, images.shape[1], h, -1))
-
-
 def everywhere(value: float, world: World, device: torch.device) -> float:
     """``value`` summed over the processes: NaN or inf where it is so in any one, so that every
     process takes the same decision (one stopping alone leaves the others hanging in DDP's next
@@ -107,48 +105,41 @@ def together(action, world: World, device: torch.device, only_main: bool = False
     return result
 
 
-def rank_share(batch: torch.Tensor, world: World) -> torch.Tensor:
-    """This process's share of a global batch: every ``size``-th item from ``rank`` (disjoint,
-    equal in size when ``size`` divides the batch)."""
-    return batch[world.rank:: world.size]
+
+def _effective_batch(t, world: World) -> int:
+    """Images per micro-batch of one process; the global batch must split evenly."""
+    parts = world.size * t.accumulate
+    if t.batch_size % parts:
+        raise UnrollError(f"batch_size ({t.batch_size}) must be divisible by the number of processes ({world.size}) "
+                          f"× accumulate ({t.accumulate})", field="training.batch_size")
+    return t.batch_size // parts
 
 
-def evaluate(model, data: datasets.Dataset, batch: int = 256, label_smoothing: float = 0.0) -> tuple[float, float]:
-    """(mean loss, accuracy) on ``data``."""
-    model.eval()
-    total, correct, loss = 0, 0, 0.0
-    with torch.no_grad():
-        for i in range(0, len(data), batch):
-            x, y = data.images[i: i + batch], data.labels[i: i + batch]
-            logits = model(x.to(_device(model)))
-            loss += F.cross_entropy(logits.float(), y.to(logits.device), label_smoothing=label_smoothing, reduction="sum").item()
-            correct += (logits.argmax(-1).cpu() == y).sum().item()
-            total += len(y)
-    model.train()
-    return loss / total, correct / total
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
+def _rate(images: int, seconds: float) -> str:
+    return f"{images / seconds:,.0f}" if seconds > 1e-9 else "∞"
 
 
 def train(recipe_path: str | Path, out: str | Path, data: str | None = None, seed: int = 0,
           overrides: list[str] | None = None, resume: bool = False, device: str | None = None,
-          stop_after: int | None = None, console: Console | None = None) -> list[dict]:
+          stop_after: int | None = None, console: Console | None = None, *, init: str | Path | None = None,
+          workers: int | None = None, compile: bool = False, precision: str | None = None) -> list[dict]:
     """Train ``recipe_path``'s classifier; returns the metrics rows (one per epoch).
 
-    ``stop_after``: leave after this many epochs of this run (to test resuming). Ctrl-C
-    (``KeyboardInterrupt``) propagates; the checkpoints already published stay whole.
+    ``init``: start from these weights (fine-tuning; see :mod:`unroll.train.init`). ``workers``:
+    loader processes (default: none for data in memory, else up to 8). ``compile``: torch.compile
+    the model for the training steps. ``precision``: ``bfloat16`` (autocast; the default on a GPU)
+    or ``float32``. ``stop_after``: leave after this many epochs of this run (to test resuming).
+    Ctrl-C (``KeyboardInterrupt``) propagates; the checkpoints already published stay whole.
     """
     from unroll.api import build
     from unroll.recipe import load_recipe, write_recipe
 
     console = console or Console(stderr=True)
     out = Path(out)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
-        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(dev)
+    dev = pick_device(device)
+    if init is not None and resume:
+        raise UnrollError("--init starts a run from weights, --resume continues a run from its checkpoint: give one")
+    precision, amp = precision_context(precision, dev)
     world = _world(dev)
     recipe = load_recipe(recipe_path, overrides or [])
     output_folder(out)  # by every process: a bad --out fails now, and everywhere
@@ -159,15 +150,23 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
     t, a = recipe.training, recipe.architecture
     if recipe.decoder is not None:
         raise UnrollError("unroll train trains classifiers; this recipe builds a masked autoencoder", where=str(recipe_path))
-    if t.batch_size % world.size:
-        raise UnrollError(f"batch_size ({t.batch_size}) must be divisible by the number of processes ({world.size})",
-                          field="training.batch_size")
+    micro = _effective_batch(t, world)
     with located(str(recipe_path)):
-        full = datasets.load(data or t.data, a.image_size, a.channels)
-    if len(full.classes) != a.classes:
-        raise UnrollError(f"the data has {len(full.classes)} classes, the recipe's architecture.classes is {a.classes}",
-                          where=str(recipe_path))
-    train_set, val_set = datasets.split(full)
+        source = datasets.open_data(data or t.data, a.image_size, a.channels)
+    if len(source.classes) != a.classes:
+        raise UnrollError(f"the data has {len(source.classes)} classes, the recipe's architecture.classes is {a.classes}"
+                          f"; fine-tuning on it: --set architecture.classes={len(source.classes)}", where=str(recipe_path))
+    steps_per_epoch = len(source.train) // t.batch_size
+    if steps_per_epoch == 0:
+        raise UnrollError(f"batch_size ({t.batch_size}) is larger than the training split ({len(source.train)} images)",
+                          field="training.batch_size")
+    workers = default_workers(source.in_memory) if workers is None else workers
+    pin = dev.type == "cuda"
+    train_set = Transformed(source.train, train_transform(t, a.image_size, a.channels), seed)
+    loader, order = train_loader(train_set, micro, world.rank, world.size, seed, workers, pin)
+    val_loader = eval_loader(Transformed(source.val, eval_transform(t, a.image_size, a.channels)), min(256, micro),
+                             world.rank, world.size, workers, pin)
+    mixing = batch_mixing(t, a.classes)
 
     torch.manual_seed(seed)
     with located(str(recipe_path)):
@@ -175,14 +174,14 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
     if data_constant_count(model):  # zeros until fitted: training would fit a head to the identity
         raise UnrollError("this recipe's layers hold constants computed from data (E, C_k, ...), not learned ones; "
                           "build it with unroll construct", where=str(recipe_path))
+    started_from = initialise(model, init) if init is not None else []
+    channels_last = dev.type == "cuda" and a.embedding == "conv"  # the convolution's fast layout on a GPU
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(t.optimizer, model.parameters(), t.lr, t.weight_decay)
-    steps_per_epoch = len(train_set) // t.batch_size
-    if steps_per_epoch == 0:
-        raise UnrollError(f"batch_size ({t.batch_size}) is larger than the training split ({len(train_set)})",
-                          field="training.batch_size")
-    total = steps_per_epoch * t.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, t.warmup_epochs * steps_per_epoch, total))
+    per_epoch = t.schedule == "epoch"
+    warmup, total = (t.warmup_epochs, t.epochs) if per_epoch else (t.warmup_epochs * steps_per_epoch, steps_per_epoch * t.epochs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: warmup_cosine(n, warmup, total))
     info = {"recipe": state.recipe_digest(recipe), "seed": seed, "data": data or t.data, "world_size": world.size}
     rows: list[dict] = []
     start = 0
@@ -200,7 +199,16 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
     net = model
     if world.size > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    step_net = torch.compile(net) if compile else net
+    if world.main:
+        for line in started_from:
+            console.print(f"--init: {line}", highlight=False, markup=False, soft_wrap=True)
+        console.print(f"{source.name}: {len(source.train):,} training and {len(source.val):,} validation images, "
+                      f"{len(source.classes)} classes; batch {t.batch_size} = {world.size} process"
+                      f"{'es' if world.size > 1 else ''} × {t.accumulate} accumulation step{'s' if t.accumulate > 1 else ''} "
+                      f"× {micro} images; {workers} loader worker{'s' if workers != 1 else ''}; {precision}"
+                      f"{', compiled' if compile else ''}{', channels_last' if channels_last else ''}",
+                      highlight=False, markup=False, soft_wrap=True)
 
     # off a terminal a live bar shows nothing until the end: there, the per-epoch lines only
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
@@ -209,45 +217,67 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
     with progress:
         for epoch in range(start, t.epochs if stop_after is None else min(t.epochs, start + stop_after)):
             began = time.perf_counter()
-            order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-            shifts = torch.Generator().manual_seed(seed * 7_919 + epoch)
+            order.set_epoch(epoch)
+            batches_of_epoch = batches(loader, steps_per_epoch * t.accumulate)
             # one bar, reset each epoch: a bar per epoch would push the current one off a short terminal
             progress.reset(task, total=steps_per_epoch, description=f"epoch {epoch + 1}/{t.epochs}", status="")
-            seen, loss_sum, correct = 0, 0.0, 0
+            seen, loss_sum, correct, waited, stepped = 0, 0.0, 0.0, 0.0, 0.0
             for step in range(steps_per_epoch):
-                batch = order[step * t.batch_size: (step + 1) * t.batch_size]
-                offsets = torch.randint(0, 2 * t.shift + 1, (2, len(batch)), generator=shifts)  # drawn for the global batch
-                mine = rank_share(batch, world)
-                x = _shift(train_set.images[mine], t.shift, rank_share(offsets.T, world).T).to(dev)
-                y = train_set.labels[mine].to(dev)
-                with amp:
-                    logits = net(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=t.label_smoothing)
-                value = loss.item()
-                if not math.isfinite(summed := everywhere(value, world, dev)):  # every later step would be NaN too
+                optimizer.zero_grad(set_to_none=True)
+                step_loss = 0.0
+                for part in range(t.accumulate):
+                    ready = time.perf_counter()
+                    x, y = next(batches_of_epoch)
+                    computing = time.perf_counter()
+                    waited += computing - ready
+                    x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                    if channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    target = y
+                    if mixing is not None:  # per micro-batch, seeded by its place in the run
+                        with seeded(batch_seed(seed, epoch, step, world.rank * t.accumulate + part)):
+                            x, target = mixing(x, y)
+                    # gradients are all-reduced once per step, at its last micro-batch
+                    sync = world.size == 1 or part == t.accumulate - 1
+                    with contextlib.nullcontext() if sync else net.no_sync():
+                        with amp:
+                            logits = step_net(x)
+                        loss = F.cross_entropy(logits.float(), target, label_smoothing=t.label_smoothing)
+                        (loss / t.accumulate).backward()
+                    value = loss.item()
+                    step_loss += value
+                    seen += len(y)
+                    loss_sum += value * len(y)
+                    correct += (logits.argmax(-1) == y).sum().item()
+                    stepped += time.perf_counter() - computing
+                # before the update: a non-finite step never reaches the weights
+                if not math.isfinite(summed := everywhere(step_loss, world, dev)):  # every later step would be NaN too
                     raise UnrollError(f"the loss became {'NaN' if math.isnan(summed) else 'infinite'} at epoch "
                                       f"{epoch + 1} step {step + 1}; lower training.lr (now {t.lr:g}); the "
                                       "checkpoints of earlier epochs are kept",
                                       where=str(recipe_path))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                computing = time.perf_counter()
                 if t.clip_grad:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
                 optimizer.step()
+                if not per_epoch:
+                    scheduler.step()
+                stepped += time.perf_counter() - computing
+                progress.update(task, advance=1, status=f"loss {loss_sum / seen:.3f}  acc {correct / seen:.3f}  "
+                                f"{_rate(seen * world.size, time.perf_counter() - began)} img/s (loader "
+                                f"{_rate(seen, waited)}, model {_rate(seen, stepped)})")
+            lr = scheduler.get_last_lr()[0]  # the rate this epoch trained with
+            if per_epoch:
                 scheduler.step()
-                seen += len(y)
-                loss_sum += value * len(y)
-                correct += (logits.argmax(-1) == y).sum().item()
-                rate = seen * world.size / (time.perf_counter() - began)
-                progress.update(task, advance=1, status=f"loss {loss_sum / seen:.3f}  acc {correct / seen:.3f}  {rate:.0f} img/s")
             if world.size > 1:  # the epoch's training figures over all processes
                 sums = torch.tensor([seen, loss_sum, correct], dtype=torch.float64, device=dev)
                 dist.all_reduce(sums)
                 seen, loss_sum, correct = int(sums[0]), float(sums[1]), float(sums[2])
-            # in batches no larger than training's: the memory estimate checked that batch
-            val_loss, val_acc = evaluate(model, val_set, min(256, t.batch_size), t.label_smoothing)
-            row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen, "val_loss": val_loss,
-                   "val_acc": val_acc, "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - began}
+            seconds = time.perf_counter() - began
+            scores = evaluate(model, val_loader, dev, t.label_smoothing, amp)
+            row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                   "val_loss": scores.loss, "val_acc": scores.top1, "val_top5": scores.top5, "lr": lr,
+                   "images_per_second": seen / seconds, "loader_wait": waited / seconds, "seconds": seconds}
             rows.append(row)
             if bad := nonfinite_names(model.state_dict()):
                 raise UnrollError(f"the weights became NaN or inf at epoch {epoch + 1} ({name_list(bad)}); lower "
@@ -261,7 +291,8 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
             if world.main:
                 console.print(
                     f"epoch {epoch + 1}/{t.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
-                    f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {row['lr']:.3g}  {row['seconds']:.1f} s",
+                    f"val loss {scores.loss:.4f} acc {scores.top1:.4f} top-5 {scores.top5:.4f}  lr {lr:.3g}  "
+                    f"{row['images_per_second']:,.0f} img/s, {row['loader_wait']:.0%} waiting for data  {seconds:.1f} s",
                     highlight=False, markup=False, soft_wrap=True)
     if world.size > 1:
         dist.barrier()

@@ -46,7 +46,8 @@ TMP_PREFIX = ".tmp-"
 KEEP = 2
 _NAME = re.compile(r"epoch-(\d{4,})")
 #: the columns of a metrics row (``metrics.csv``, and the rows a checkpoint records)
-METRICS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+METRICS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "images_per_second",
+           "loader_wait", "seconds"]
 #: what a hand-edited but well-typed state makes torch raise while it is restored
 _BROKEN = (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError)
 

@@ -1,0 +1,112 @@
+"""Accuracy of a classifier on a validation split: top-1, top-5, mean cross-entropy, images/s.
+
+Under torchrun each process evaluates its share (:func:`unroll.train.loader.eval_loader`) and the
+sums are added over processes, so every process returns the figures of the whole split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from unroll.errors import UnrollError
+from unroll.train.device import pick_device, precision_context
+from unroll.train.loader import batches
+
+#: the columns ``unroll eval`` prints and writes
+SCORES = ("top1", "top5", "loss", "images", "images_per_second")
+
+
+@dataclass(frozen=True)
+class Scores:
+    top1: float
+    top5: float  # top-k with k = min(5, classes)
+    loss: float  # mean cross-entropy (with the recipe's label smoothing when training reports it)
+    images: int
+    images_per_second: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(model: torch.nn.Module, loader, device: torch.device, label_smoothing: float = 0.0,
+             autocast: contextlib.AbstractContextManager | None = None,
+             on_batch: Callable[[int], None] | None = None) -> Scores:
+    """``model``'s scores over every batch of ``loader`` (in eval mode; training mode is restored).
+    ``on_batch(n)``: called with each batch's size (a progress bar)."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # images, loss, top-1 hits, top-5 hits
+    began = time.perf_counter()
+    with torch.no_grad():
+        for x, y in batches(loader):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast or contextlib.nullcontext():
+                logits = model(x)
+            logits = logits.float()
+            k = min(5, logits.shape[-1])
+            top = logits.topk(k, dim=-1).indices  # (B, k), best first
+            hits = top == y[:, None]
+            sums += torch.tensor([len(y), F.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="sum").item(),
+                                  hits[:, 0].sum().item(), hits.any(-1).sum().item()], dtype=torch.float64)
+            if on_batch is not None:
+                on_batch(len(y))
+    seconds = time.perf_counter() - began
+    if dist.is_initialized():
+        sums = sums.to(device)
+        dist.all_reduce(sums)
+        sums = sums.cpu()
+    model.train(was_training)
+    count = int(sums[0])
+    if count == 0:
+        return Scores(float("nan"), float("nan"), float("nan"), 0, 0.0)
+    return Scores(sums[2].item() / count, sums[3].item() / count, sums[1].item() / count, count,
+                  count / seconds if seconds > 0 else float("inf"))
+
+
+def evaluate_recipe(recipe, network, checkpoint: str | Path, data: str | None = None, batch: int = 256,
+                    workers: int | None = None, device: str | None = None, precision: str | None = None,
+                    on_progress: Callable[[int, int], None] | None = None) -> tuple[Scores, str]:
+    """(the scores of ``checkpoint``'s weights on the validation split of ``data``, the data's name).
+
+    ``recipe`` is the resolved recipe and ``network`` its network; ``checkpoint`` a weights file or
+    a run folder (its ``model.safetensors``). ``on_progress(done, total)`` after each batch.
+    """
+    from unroll.api import build
+    from unroll.train import data as datasets
+    from unroll.train.loader import Transformed, default_workers, eval_loader
+    from unroll.train.state import WEIGHTS
+    from unroll.train.transforms import eval_transform
+
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        checkpoint = checkpoint / WEIGHTS
+    if not checkpoint.is_file():
+        raise UnrollError("no such weights file (give model.safetensors, or the run folder that holds it)",
+                          where=str(checkpoint))
+    a, t = recipe.architecture, recipe.training
+    dev = pick_device(device)
+    _, autocast = precision_context(precision, dev)
+    source = datasets.open_data(data or t.data, a.image_size, a.channels)
+    if len(source.classes) != a.classes:
+        raise UnrollError(f"the data has {len(source.classes)} classes, the recipe's architecture.classes is {a.classes}")
+    model = build(network, checkpoint=checkpoint).to(dev)
+    workers = default_workers(source.in_memory) if workers is None else workers
+    loader = eval_loader(Transformed(source.val, eval_transform(t, a.image_size, a.channels)), batch, 0, 1, workers,
+                         dev.type == "cuda")
+    total, done = len(source.val), 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if on_progress is not None:
+            on_progress(done, total)
+
+    return evaluate(model, loader, dev, autocast=autocast, on_batch=advance), source.name
