@@ -67,7 +67,7 @@ def test_help_shows_each_default():
     bench = " ".join(console("bench", "--help").stdout.split())
     assert "[default: 8; 1<=x<=1048576]" in bench and "[default: cpu]" in bench
     train = " ".join(console("train", "--help").stdout.split())
-    assert "[default: (runs/<recipe name>)]" in train and "[default: 0]" in train
+    assert "[default: (runs/<recipe name>)]" in train and "[default: 0; 0<=x<=4294967295]" in train  # --seed
 
 
 def test_a_recipe_named_without_its_suffix_gets_a_hint(tmp_path):

@@ -5,6 +5,7 @@ with ``--init``."""
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,8 @@ from unroll.cli import main
 from unroll.errors import UnrollError
 from unroll.recipe import load_recipe
 from unroll.train.init import initialise
-from unroll.train.loader import Transformed, batches, train_loader
+from unroll.train.loader import Transformed, batches, eval_loader, train_loader
+from unroll.train.optim import warmup_cosine_epochs
 from unroll.train.loop import train
 from unroll.train.transforms import batch_mixing, eval_transform, train_transform
 
@@ -88,7 +90,8 @@ def test_a_cifar_binary_directory_trains(tmp_path):
     over = ["architecture.image_size=32", "architecture.patch_size=8", "architecture.width=32", "architecture.depth=1",
             "architecture.channels=3", "training.batch_size=8", "training.epochs=1"]
     rows = train(DIGITS, tmp_path / "run", data=f"cifar10:{folder}", overrides=over + AUGMENT, console=QUIET)
-    assert len(rows) == 1 and 0 <= rows[0]["val_acc"] <= 1
+    assert len(rows) == 1 and np.isfinite(rows[0]["train_loss"]) and 0 <= rows[0]["val_acc"] <= 1
+    assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
 def test_a_source_of_another_class_count_says_how_to_fine_tune(tmp_path):
@@ -195,6 +198,16 @@ def test_mixup_and_cutmix_are_the_recipes():
     assert type(only).__name__ == "CutMix" and only.alpha == 0.5
 
 
+def test_mixing_makes_soft_labels_of_the_batch():
+    mixing = batch_mixing(load_recipe(DIGITS, ["training.augment.mixup=0.8"]).training, 10)
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 1, 8, 8), torch.arange(8)
+    mixed, soft = mixing(x, y)
+    assert soft.shape == (8, 10) and torch.allclose(soft.sum(-1), torch.ones(8))
+    assert (soft.max(-1).values < 1).all()  # each a blend of two classes
+    assert not torch.equal(mixed, x)
+
+
 def test_mixup_trains_with_soft_labels(tmp_path):
     over = ["architecture.width=32", "architecture.depth=1", "training.epochs=1", "training.augment.mixup=0.8",
             "training.augment.cutmix=1.0"]
@@ -216,18 +229,46 @@ def test_a_bad_normalisation_is_refused(tmp_path):
 # --- order, accumulation, resume ----------------------------------------------------------------------------
 
 
-def test_each_process_takes_its_share_of_the_single_process_batch(tmp_path):
-    data = Transformed(datasets.open_data("digits", 8, 1).train, lambda x: x)
-    one, order = train_loader(data, 64, 0, 1, 7, 0, False)
+def test_each_process_takes_its_share_of_the_single_process_batch():
+    numbered = datasets.Tensors(torch.zeros(100, 1, 8, 8), torch.arange(100))  # label = index
+    data = Transformed(numbered, lambda x: x)
+    one, order = train_loader(data, 32, 0, 1, 7, 0, False)
     order.set_epoch(3)
     _, whole = next(batches(one))
     shares = []
     for rank in range(2):
-        loader, order = train_loader(data, 16, rank, 2, 7, 0, False)  # 2 micro-batches of 16 per process
+        loader, order = train_loader(data, 8, rank, 2, 7, 0, False)  # 2 micro-batches of 8 per process
         order.set_epoch(3)
         it = batches(loader)
         shares += [next(it)[1], next(it)[1]]
-    assert sorted(torch.cat(shares).tolist()) == sorted(whole.tolist())
+    assert sorted(torch.cat(shares).tolist()) == sorted(whole.tolist()) and len(set(whole.tolist())) == 32
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_evaluation_shares_cover_every_image_once(world):
+    numbered = Transformed(datasets.Tensors(torch.zeros(10, 1, 8, 8), torch.arange(10)), lambda x: x)
+    seen = [y for rank in range(world) for _, labels in batches(eval_loader(numbered, 3, rank, world, 0, False))
+            for y in labels.tolist()]
+    assert sorted(seen) == list(range(10))
+
+
+def test_the_per_epoch_schedule_is_the_reference_scripts():
+    # min((e + 1) / 20, (1 + cos(pi e / 200)) / 2), by hand: the warmup rules up to epoch 18, the cosine after
+    expected = {0: 0.05, 9: 0.5, 18: 0.95, 19: 0.97790, 20: 0.97553, 100: 0.5, 199: 0.0000617}
+    for epoch, value in expected.items():
+        assert warmup_cosine_epochs(epoch, 20, 200) == pytest.approx(value, abs=1e-5), epoch
+    assert warmup_cosine_epochs(50, 0, 200) == pytest.approx(0.85355, abs=1e-5)  # no warmup: the cosine
+
+
+def test_a_per_epoch_schedule_resumes_exactly(tmp_path):
+    over = ["architecture.width=32", "architecture.depth=1", "training.epochs=3", "training.schedule=epoch",
+            "training.warmup_epochs=2", "training.lr=1e-3"]
+    full = train(DIGITS, tmp_path / "full", overrides=over, console=QUIET)
+    train(DIGITS, tmp_path / "part", overrides=over, console=QUIET, stop_after=1)
+    part = train(DIGITS, tmp_path / "part", overrides=over, console=QUIET, resume=True)
+    assert [r["lr"] for r in full] == pytest.approx([1e-3 * 0.5, 1e-3 * 0.75, 1e-3 * 0.25])  # min(ramp, cosine) x lr
+    assert [r["lr"] for r in part] == [r["lr"] for r in full]
+    assert max_difference(weights(tmp_path / "full"), weights(tmp_path / "part")) < 1e-6
 
 
 def test_the_same_image_gets_the_same_augmentation_wherever_it_is_read(tmp_path):
@@ -262,9 +303,10 @@ def test_resume_is_exact_with_augmentation_in_worker_processes(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_with_streamed_augmented_data_matches_one_process(tmp_path):
+    # 2 processes x 2 micro-batches of 2 images against 1 process x 2 micro-batches of 4
     data = str(colour_folder(tmp_path / "data", per_class=8))
     args = ["-m", "unroll", "train", str(DIGITS), "--device", "cpu", "--data", data, "--workers", "1",
-            *[a for s in COLOUR + AUGMENT + ["training.epochs=2"] for a in ("--set", s)]]
+            *[a for s in COLOUR + AUGMENT + ["training.epochs=2", "training.accumulate=2"] for a in ("--set", s)]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args,
                           "--out", str(tmp_path / "ddp")], capture_output=True, text=True, env=env, timeout=300)
@@ -343,3 +385,53 @@ def test_init_with_resume_is_refused(tmp_path, capsys):
     rc = main(["train", str(DIGITS), "--init", str(tmp_path / "x.safetensors"), "--resume", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 2 and "--init starts a run from weights, --resume continues a run" in err
+
+
+@pytest.mark.slow
+def test_an_unreadable_image_under_torchrun_stops_both_processes_with_the_error(tmp_path):
+    data = colour_folder(tmp_path / "data", per_class=6)
+    bad = data / "c2" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    # started as torchrun starts them (its environment), not by torchrun, whose own report of a
+    # failed child is a traceback of its launcher
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    args = [sys.executable, "-m", "unroll", "train", str(DIGITS), "--device", "cpu", "--data", str(data), "--workers", "1",
+            "--out", str(tmp_path / "run"), *[a for s in COLOUR + ["training.batch_size=12"] for a in ("--set", s)]]
+    procs = [subprocess.Popen(args, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:  # a process left alone in the next all-reduce: a gloo traceback, or a hang
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, err in zip(procs, errs):
+        assert p.returncode == 2 and "Traceback" not in err, err[-3000:]
+    named = [f"{bad}: truncated image" in err or f"{bad}: not a readable image" in err for err in errs]
+    assert any(named), errs  # the process that met it names it; the other says it stopped with it
+    assert all(n or "another process failed" in err for n, err in zip(named, errs)), errs
+
+
+def test_bf16_autocast_on_the_cpu_trains(tmp_path):
+    over = ["architecture.width=32", "architecture.depth=1", "training.epochs=3", "training.warmup_epochs=1",
+            "training.lr=1e-2", "training.augment.shift=0"]
+    rows = train(DIGITS, tmp_path, overrides=over, console=QUIET, precision="bfloat16")
+    assert np.isfinite(rows[-1]["train_loss"]) and rows[-1]["val_acc"] > 0.3  # chance: 0.1
+    with pytest.raises(UnrollError, match="--precision must be one of bfloat16, float32, found 'fp8'"):
+        train(DIGITS, tmp_path / "other", overrides=over, console=QUIET, precision="fp8")
+
+
+@pytest.mark.slow
+def test_a_compiled_training_step_trains_what_the_eager_one_does(tmp_path):
+    over = ["architecture.width=32", "architecture.depth=1", "training.epochs=1"]
+    train(DIGITS, tmp_path / "eager", overrides=over, console=QUIET)
+    train(DIGITS, tmp_path / "compiled", overrides=over, console=QUIET, compile=True)
+    assert max_difference(weights(tmp_path / "eager"), weights(tmp_path / "compiled")) < 1e-3
+
+
+def test_an_evaluation_resize_below_the_image_size_is_refused(tmp_path):
+    data = split_folder(tmp_path / "data")
+    with pytest.raises(UnrollError, match=r"training.evaluation: resize \(8\) must be at least the model's image size \(16\)"):
+        train(DIGITS, tmp_path / "run", data=str(data), overrides=COLOUR + ["training.evaluation.resize=8"], console=QUIET)

@@ -9,7 +9,7 @@ other, never two at once:
    for ``crate_tiny`` a random-resized crop to 224, a flip and ImageNet normalisation) through
    ``train_loader`` with ``--workers`` processes, and again with none (the main process decodes);
    the first round of batches (one per worker: start-up) is not timed, then ``--steps`` batches are;
-2. **step**: CRATE-T forward, cross-entropy, backward and an AdamW step on random (B, 3, 224, 224)
+2. **step**: CRATE-T forward, cross-entropy, backward and a step of the recipe's optimiser on random (B, 3, 224, 224)
    batches, float32; one warm-up step, then the median of ``--steps`` steps;
 3. **fed**: the same step fed by the loader with ``--workers`` processes, as ``unroll train``
    runs it: images/s, and the fraction of the wall time spent waiting for the next batch.
@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
+from unroll.train.data import TRAIN, VAL
 from unroll.train.loader import Transformed, batches, train_loader
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "crate_tiny.yaml"
@@ -61,13 +62,13 @@ def write_image_folder(root: Path, images: int, size: tuple[int, int], seed: int
     width, height = size
     classes = min(CLASSES, images)  # every class folder must hold an image
     total = 0
-    for split, count in (("train", images), ("val", classes)):
+    for split, count in ((TRAIN, images), (VAL, classes)):
         for c in range(classes):
             (root / split / f"class{c}").mkdir(parents=True, exist_ok=True)
         for i in range(count):
             path = root / split / f"class{i % classes}" / f"{i:06d}.jpg"
             Image.fromarray(_smooth_noise(rng, width, height)).save(path, quality=QUALITY)
-            if split == "train":
+            if split == TRAIN:
                 total += path.stat().st_size
     return total / max(1, images) / 1024
 
@@ -130,11 +131,11 @@ def _close(stream: Iterator, loader) -> None:
 
 def make_step(model: torch.nn.Module, recipe, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """One training step as ``unroll train`` takes it, in float32: forward, cross-entropy with the
-    recipe's label smoothing, backward, AdamW (the brief's optimiser, at the recipe's lr)."""
+    recipe's label smoothing, backward, the recipe's optimiser at its lr."""
     from unroll.train.optim import make_optimizer
 
     t = recipe.training
-    optimizer = make_optimizer("adamw", model.parameters(), t.lr, t.weight_decay)
+    optimizer = make_optimizer(t.optimizer, model.parameters(), t.lr, t.weight_decay)
     classes = recipe.architecture.classes
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -260,7 +261,7 @@ def report(r: dict, console: Console) -> None:
     w = r["workers"]
     rows = [(f"loader, {w} workers", r["loader_img_s"]),
             ("loader, main process (0 workers)", r["loader_0_workers_img_s"]),
-            ("step: forward + backward + AdamW", r["step_img_s"]),
+            ("step: forward + backward + optimiser", r["step_img_s"]),
             (f"step fed by the loader ({w} workers; waits {100 * r['fed_wait_fraction']:.0f}%)", r["fed_img_s"])]
     for label, rate in rows:
         table.add_row(label, f"{rate:.1f}", f"{1e3 * r['batch'] / rate:.0f}", f"{rate / r['step_img_s']:.2f}")

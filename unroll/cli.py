@@ -79,7 +79,9 @@ def _within_budget(recipe: Path, overrides: list[str], max_memory: float, batch:
     resolved = load_recipe(recipe, overrides)
     with located(str(recipe)):
         network = to_network(resolved)
-        micro_batch = resolved.training.batch_size // resolved.training.accumulate  # what one process holds at once
+        # what one process holds at once: its share of a step's batch (torchrun sets WORLD_SIZE), one micro-batch of it
+        parts = resolved.training.accumulate * int(os.environ.get("WORLD_SIZE", "1"))
+        micro_batch = max(1, resolved.training.batch_size // parts)
         check_budget(network, max_memory, optimize, batch or micro_batch, training, measuring)
     return resolved, network
 
@@ -237,7 +239,8 @@ def train(
     recipe: RecipeArg,
     data: DataOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="output folder", show_default="runs/<recipe name>")] = None,
-    seed: Annotated[int, typer.Option(help="seed of the initial weights, the data order and the augmentation")] = 0,
+    seed: Annotated[int, typer.Option(help="seed of the initial weights, the data order and the augmentation",
+                                      min=0, max=2**32 - 1)] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out where it stopped")] = False,
     init: Annotated[Optional[Path], typer.Option("--init", help="start from these weights (model.safetensors, or a run "
                                                  "folder): fine-tuning; a new class count gets a fresh classifier",

@@ -27,6 +27,14 @@ def sincos_2d(grid: int, width: int) -> torch.Tensor:
     return torch.cat([encode(cols), encode(rows)], dim=1).float()
 
 
+#: attribute names other stages address (fine-tuning's loading rules, unroll.train.init): the
+#: positional table, the LayerNorm over a patch's pixels, the patch projection, the classifier
+POSITIONS = "pos_embedding"
+PATCH_NORM = "patch_norm"
+PROJECTION = "proj"
+CLASSIFIER = "fc"
+
+
 class PatchEmbedding(nn.Module):
     def __init__(self, spec: PatchFrontend, width: int):
         super().__init__()
@@ -52,7 +60,7 @@ class PatchEmbedding(nn.Module):
             table = sincos_2d(grid, width)
             if spec.cls_token:
                 table = torch.cat([torch.zeros(1, width), table])
-            self.register_buffer("pos_embedding", table[None])
+            self.register_buffer(POSITIONS, table[None])
 
     def patches(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, L, d): one embedded token per patch, row-major over the grid."""

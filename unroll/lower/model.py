@@ -17,6 +17,10 @@ from unroll.objective.custom import Custom
 from unroll.plan import Plan, StackPlan, plan
 
 
+#: the classifier's parts, as its state-dict keys begin (unroll.train.init addresses them)
+FRONTEND = "frontend"
+HEAD = "head"
+
 class LayerStack(nn.Module):
     """The unrolled layers of a stack, group after group.
 

@@ -11,9 +11,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-#: ImageNet's per-channel pixel statistics, which every reference pipeline normalises with
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_PIXELS = 8_192
 MAX_ACCUMULATE = 4_096
 
@@ -100,7 +97,9 @@ class Training(_Strict):
     lr: float = Field(1e-3, gt=0, le=10)
     weight_decay: float = Field(0.05, ge=0, le=10)
     warmup_epochs: int = Field(2, ge=0, le=100_000)
-    #: how often the warmup-cosine learning rate changes: every optimiser step, or once per epoch
+    #: ``step``: the rate changes every optimiser step, a linear warmup over ``warmup_epochs`` then a
+    #: cosine over the remaining steps; ``epoch``: once per epoch, the smaller of a linear warmup and
+    #: a cosine over all epochs (the reference CRATE ImageNet script; see unroll.train.optim)
     schedule: Literal["step", "epoch"] = "step"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     clip_grad: float | None = Field(1.0, gt=0, le=1e6)

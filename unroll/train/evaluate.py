@@ -1,7 +1,7 @@
 """Accuracy of a classifier on a validation split: top-1, top-5, mean cross-entropy, images/s.
 
 Under torchrun each process evaluates its share (:func:`unroll.train.loader.eval_loader`) and the
-sums are added over processes, so every process returns the figures of the whole split.
+sums are added over the processes, so every process returns the figures of the whole split.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from unroll.errors import UnrollError
 from unroll.train.device import pick_device, precision_context
 from unroll.train.loader import batches
+from unroll.train.world import World, next_together
 
 #: the columns ``unroll eval`` prints and writes
 SCORES = ("top1", "top5", "loss", "images", "images_per_second")
@@ -28,7 +29,7 @@ SCORES = ("top1", "top5", "loss", "images", "images_per_second")
 class Scores:
     top1: float
     top5: float  # top-k with k = min(5, classes)
-    loss: float  # mean cross-entropy (with the recipe's label smoothing when training reports it)
+    loss: float  # mean cross-entropy (no label smoothing)
     images: int
     images_per_second: float
 
@@ -36,17 +37,29 @@ class Scores:
         return asdict(self)
 
 
-def evaluate(model: torch.nn.Module, loader, device: torch.device, label_smoothing: float = 0.0,
+def evaluate(model: torch.nn.Module, loader, device: torch.device,
              autocast: contextlib.AbstractContextManager | None = None,
-             on_batch: Callable[[int], None] | None = None) -> Scores:
+             on_batch: Callable[[int], None] | None = None, world: World | None = None) -> Scores:
     """``model``'s scores over every batch of ``loader`` (in eval mode; training mode is restored).
-    ``on_batch(n)``: called with each batch's size (a progress bar)."""
+    The loss is the plain cross-entropy, whatever label smoothing training used. ``world``: the
+    processes that each evaluate their share (the sums are added over them). ``on_batch(n)``:
+    called with each batch's size (a progress bar)."""
+    world = world or World()
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # images, loss, top-1 hits, top-5 hits
     began = time.perf_counter()
+    items = batches(loader)
     with torch.no_grad():
-        for x, y in batches(loader):
+        while True:
+            # shares may differ by a batch: the processes agree on each step, so that an
+            # unreadable image in one stops them all instead of leaving the others in all_reduce
+            batch, going = next_together(items, world, device)
+            if not going:
+                break
+            if batch is None:
+                continue
+            x, y = batch
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast or contextlib.nullcontext():
                 logits = model(x)
@@ -54,12 +67,12 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, label_smoothi
             k = min(5, logits.shape[-1])
             top = logits.topk(k, dim=-1).indices  # (B, k), best first
             hits = top == y[:, None]
-            sums += torch.tensor([len(y), F.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="sum").item(),
+            sums += torch.tensor([len(y), F.cross_entropy(logits, y, reduction="sum").item(),
                                   hits[:, 0].sum().item(), hits.any(-1).sum().item()], dtype=torch.float64)
             if on_batch is not None:
                 on_batch(len(y))
     seconds = time.perf_counter() - began
-    if dist.is_initialized():
+    if world.size > 1:
         sums = sums.to(device)
         dist.all_reduce(sums)
         sums = sums.cpu()

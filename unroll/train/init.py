@@ -42,20 +42,18 @@ import torch.nn.functional as F
 from unroll.checkpoint import check_finite, read_tensors
 from unroll.errors import UnrollError, shorten
 from unroll.finite import name_list, nonfinite_names
+from unroll.lower import frontend as lowered
+from unroll.lower.model import FRONTEND, HEAD
 from unroll.train.state import WEIGHTS
 
-# The lowering (unroll/lower/model.py, unroll/lower/frontend.py) exports no constants for its
-# attribute names, so the state-dict keys these rules single out are spelled here, once.
-FRONTEND = "frontend"
-HEAD = "head"
 #: the positional embedding (a parameter when learned, a buffer when sin-cos)
-POSITIONS = f"{FRONTEND}.pos_embedding"
+POSITIONS = f"{FRONTEND}.{lowered.POSITIONS}"
 #: the classifier's Linear(width -> classes)
-CLASSIFIER = (f"{HEAD}.fc.weight", f"{HEAD}.fc.bias")
+CLASSIFIER = (f"{HEAD}.{lowered.CLASSIFIER}.weight", f"{HEAD}.{lowered.CLASSIFIER}.bias")
 #: the patch embedding's tensors whose shape follows the patch size (the LayerNorm over C p² and
 #: the projection's weight; its bias and the LayerNorm after it are over the width)
-PATCH_NORM = (f"{FRONTEND}.patch_norm.weight", f"{FRONTEND}.patch_norm.bias")
-PROJECTION = f"{FRONTEND}.proj.weight"
+PATCH_NORM = (f"{FRONTEND}.{lowered.PATCH_NORM}.weight", f"{FRONTEND}.{lowered.PATCH_NORM}.bias")
+PROJECTION = f"{FRONTEND}.{lowered.PROJECTION}.weight"
 
 
 def initialise(model: torch.nn.Module, path: str | Path) -> list[str]:

@@ -9,7 +9,8 @@ per process together form the same global batch of ``B`` images that one process
 :func:`sample_seed` ``(seed, e, i)``, whichever worker, process or accumulation step reads it: a
 run resumed at an epoch, run under torchrun, or with other ``--workers``, sees the same pixels.
 The sampler hands the dataset ``(epoch, index)`` keys, so persistent workers know the epoch.
-MixUp/CutMix run per micro-batch in the training loop, under :func:`batch_seed`.
+MixUp/CutMix run per micro-batch in the training loop, under :func:`batch_seed`: they pair the
+images of one process's micro-batch (as timm does), so they alone depend on the layout.
 
 **Errors.** An image that cannot be read inside a worker would reach the main process as a
 worker traceback; instead the dataset hands back an :class:`Unreadable` item, the collate passes
@@ -119,14 +120,18 @@ def collate(items: list):
 
 def default_workers(in_memory: bool) -> int:
     """Worker processes when ``--workers`` is not given: none for data already in memory (they
-    would only copy it), else as many as there are cores, at most 8."""
-    return 0 if in_memory else min(8, os.cpu_count() or 1)
+    would only copy it), else this process's share of the cores (torchrun's processes on this
+    machine share them), at least 1 and at most 8."""
+    if in_memory:
+        return 0
+    share = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, share))
 
 
 def train_loader(data: Transformed, micro_batch: int, rank: int, world: int, seed: int, workers: int,
                  pin_memory: bool) -> tuple[DataLoader, EpochKeys]:
     """(loader of this process's micro-batches, its sampler: call ``set_epoch`` before each epoch)."""
-    order = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=seed * ORDER_STRIDE)
+    order = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=(seed * ORDER_STRIDE) % (1 << 63))
     keys = EpochKeys(order)
     loader = DataLoader(data, batch_size=micro_batch, sampler=keys, num_workers=workers, collate_fn=collate,
                         pin_memory=pin_memory, persistent_workers=workers > 0, drop_last=True)
@@ -138,7 +143,7 @@ def eval_loader(data: Transformed, batch: int, rank: int, world: int, workers: i
     up to the whole split exactly once."""
     share = range(rank, len(data), world)
     return DataLoader(data, batch_size=batch, sampler=share, num_workers=workers, collate_fn=collate,
-                      pin_memory=pin_memory)
+                      pin_memory=pin_memory, persistent_workers=workers > 0)
 
 
 def batches(loader: DataLoader, limit: int | None = None) -> Iterator:

@@ -19,13 +19,9 @@ the update is that of the whole batch's mean loss, however it was split.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import gc
 import math
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,66 +40,11 @@ from unroll.train.device import pick_device, precision_context
 from unroll.train.evaluate import evaluate
 from unroll.train.init import initialise
 from unroll.train.loader import Transformed, batch_seed, batches, default_workers, eval_loader, seeded, train_loader
-from unroll.train.optim import make_optimizer, warmup_cosine
+from unroll.train.optim import make_optimizer, warmup_cosine, warmup_cosine_epochs
 from unroll.train.transforms import batch_mixing, eval_transform, train_transform
+from unroll.train.world import World, everywhere, join, next_together, together
 
 METRICS = state.METRICS
-
-
-@dataclass
-class World:
-    rank: int = 0
-    size: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _world(device: torch.device) -> World:
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
-        return World()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        atexit.register(_leave)
-    return World(dist.get_rank(), dist.get_world_size())
-
-
-def _leave() -> None:
-    """At exit, free what holds the process group, then the group itself. After an error the DDP
-    model lingers in reference cycles; freed in the interpreter's final teardown, it took gloo's
-    threads down with ``terminate`` (exit 134, after the error was printed) now and then."""
-    gc.collect()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def everywhere(value: float, world: World, device: torch.device) -> float:
-    """``value`` summed over the processes: NaN or inf where it is so in any one, so that every
-    process takes the same decision (one stopping alone leaves the others hanging in DDP's next
-    all-reduce)."""
-    if world.size == 1:
-        return value
-    total = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return total.item()
-
-
-def together(action, world: World, device: torch.device, only_main: bool = False):
-    """``action()`` on every process (or on process 0 only: the writes of the run folder), and
-    a failure on any one is a failure on all: the others would otherwise wait for it in the next
-    collective, forever (nccl) or until gloo's connection drops (a traceback)."""
-    error, result = None, None
-    if world.main or not only_main:
-        try:
-            result = action()
-        except UnrollError as e:
-            error = e
-    if everywhere(float(error is not None), world, device) > 0:
-        raise error or UnrollError("another process failed (see its error); stopped with it")
-    return result
-
 
 
 def _effective_batch(t, world: World) -> int:
@@ -140,7 +81,7 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
     if init is not None and resume:
         raise UnrollError("--init starts a run from weights, --resume continues a run from its checkpoint: give one")
     precision, amp = precision_context(precision, dev)
-    world = _world(dev)
+    world = join(dev)
     recipe = load_recipe(recipe_path, overrides or [])
     output_folder(out)  # by every process: a bad --out fails now, and everywhere
     if resume and not out.is_dir():
@@ -180,8 +121,11 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(t.optimizer, model.parameters(), t.lr, t.weight_decay)
     per_epoch = t.schedule == "epoch"
-    warmup, total = (t.warmup_epochs, t.epochs) if per_epoch else (t.warmup_epochs * steps_per_epoch, steps_per_epoch * t.epochs)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: warmup_cosine(n, warmup, total))
+    if per_epoch:
+        factor = lambda n: warmup_cosine_epochs(n, t.warmup_epochs, t.epochs)  # noqa: E731
+    else:
+        factor = lambda n: warmup_cosine(n, t.warmup_epochs * steps_per_epoch, steps_per_epoch * t.epochs)  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     info = {"recipe": state.recipe_digest(recipe), "seed": seed, "data": data or t.data, "world_size": world.size}
     rows: list[dict] = []
     start = 0
@@ -227,16 +171,16 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
                 step_loss = 0.0
                 for part in range(t.accumulate):
                     ready = time.perf_counter()
-                    x, y = next(batches_of_epoch)
+                    (x, y), _ = next_together(batches_of_epoch, world, dev)  # an unreadable image stops all
                     computing = time.perf_counter()
                     waited += computing - ready
                     x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                    if channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
                     target = y
                     if mixing is not None:  # per micro-batch, seeded by its place in the run
                         with seeded(batch_seed(seed, epoch, step, world.rank * t.accumulate + part)):
                             x, target = mixing(x, y)
+                    if channels_last:  # after mixing: its outputs are contiguous
+                        x = x.contiguous(memory_format=torch.channels_last)
                     # gradients are all-reduced once per step, at its last micro-batch
                     sync = world.size == 1 or part == t.accumulate - 1
                     with contextlib.nullcontext() if sync else net.no_sync():
@@ -266,7 +210,7 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
                 progress.update(task, advance=1, status=f"loss {loss_sum / seen:.3f}  acc {correct / seen:.3f}  "
                                 f"{_rate(seen * world.size, time.perf_counter() - began)} img/s (loader "
                                 f"{_rate(seen, waited)}, model {_rate(seen, stepped)})")
-            lr = scheduler.get_last_lr()[0]  # the rate this epoch trained with
+            lr = scheduler.get_last_lr()[0]  # per epoch: the rate this epoch trained with; per step: the next step's
             if per_epoch:
                 scheduler.step()
             if world.size > 1:  # the epoch's training figures over all processes
@@ -274,7 +218,7 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
                 dist.all_reduce(sums)
                 seen, loss_sum, correct = int(sums[0]), float(sums[1]), float(sums[2])
             seconds = time.perf_counter() - began
-            scores = evaluate(model, val_loader, dev, t.label_smoothing, amp)
+            scores = evaluate(model, val_loader, dev, amp, world=world)
             row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                    "val_loss": scores.loss, "val_acc": scores.top1, "val_top5": scores.top5, "lr": lr,
                    "images_per_second": seen / seconds, "loader_wait": waited / seconds, "seconds": seconds}

@@ -49,6 +49,17 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.o
     raise ValueError(f"unknown optimizer {name!r}; expected adamw or lion")
 
 
+def warmup_cosine_epochs(epoch: int, warmup: int, total: int) -> float:
+    """Learning-rate factor of epoch ``epoch`` (from 0) of ``total``, as the reference CRATE
+    ImageNet script computes it: the smaller of a linear warmup and a cosine over the whole run,
+
+    .. math::  \\min\\left(\\frac{e + 1}{w}, \\tfrac12 \\left(1 + \\cos \\frac{\\pi e}{E}\\right)\\right)
+
+    (no warmup when ``warmup`` is 0: the cosine alone, torch's ``CosineAnnealingLR``)."""
+    cosine = 0.5 * (1 + math.cos(math.pi * min(epoch, total) / total))
+    return min((epoch + 1) / warmup, cosine) if warmup else cosine
+
+
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
     """Learning-rate factor: linear from 1/warmup to 1 over ``warmup`` steps, then cosine to 0."""
     if step < warmup:

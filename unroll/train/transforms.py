@@ -62,6 +62,9 @@ def eval_transform(training: Training, image_size: int, channels: int) -> v2.Com
     """One evaluation image -> a (C, S, S) float32 tensor, deterministically."""
     resize = training.evaluation.resize
     steps: list = [v2.ToImage()]
+    if resize is not None and resize < image_size:  # the centre crop would pad the image with black
+        raise UnrollError(f"resize ({resize}) must be at least the model's image size ({image_size}): the centre "
+                          f"crop of {image_size} px is taken from it", field="training.evaluation")
     if resize is not None:
         steps += [v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)]
     else:
