@@ -1,3 +1,5 @@
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -49,3 +51,13 @@ def assert_printed_is_computed(model, network, Z: torch.Tensor) -> None:
     text = explain(network)
     for d in steps:  # the expression checked above is the one explain prints
         assert "Z⁺ = " + to_text(d.final.out) in text
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch: dynamo's caches and its recompile limit (8 per code object)
+    are per process, so the models earlier tests compiled would count against a later test's."""
+    yield
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        dynamo.reset()
