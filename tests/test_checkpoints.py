@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 import unroll.api
 import unroll.checkpoint as checkpoint
 import unroll.train.loop as loop
+import unroll.train.tasks as tasks
 from unroll.checkpoint import DIGEST_KEY, FORMAT_KEY, load_weights, read_tensors, save_weights
 from unroll.cli import main
 from unroll.convert import convert
@@ -495,7 +496,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_finite_checkpoints(tmp_path, mon
 
 
 def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
-    real = loop.evaluate
+    real = tasks.evaluate
 
     def evaluate(model, *a, **k):
         if len(state.checkpoints(tmp_path)) == 1:
@@ -503,7 +504,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
                 next(model.parameters())[0] = float("inf")
         return real(model, *a, **k)
 
-    monkeypatch.setattr(loop, "evaluate", evaluate)
+    monkeypatch.setattr(tasks, "evaluate", evaluate)
     message = error_of(lambda: train(DIGITS, tmp_path, overrides=SMALL + ["training.epochs=3"], console=QUIET))
     assert "the weights became NaN or inf at epoch 2" in message
     assert [e for e, _ in state.checkpoints(tmp_path)] == [1]

@@ -177,7 +177,7 @@ def test_a_seeded_build_is_reproducible_and_the_probe_meets_float32_closures():
     (lambda: unroll.ProximalStep(Compression(), iterations="2"), "iterations: Input should be a valid integer"),
     (lambda: unroll.ProximalStep(Compression(), warm_start="bogus"), "warm_start: Input should be 'input' or 'zero'"),
     (lambda: unroll.Network((unroll.GradientStep(Compression()),), width=16, heads=2, depth=1, head="x"),
-     "head must be a ClassifierHead, found str"),
+     "head must be a ClassifierHead or a LanguageHead, found str"),
     (lambda: unroll.Network((unroll.GradientStep(Compression()),), width=16, heads=2, depth=1, tie_layers="yes"),
      "tie_layers: Input should be a valid boolean"),
 ])

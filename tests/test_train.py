@@ -16,6 +16,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 import unroll.train.loop as loop
+import unroll.train.tasks as tasks
 from unroll.cli import main
 from unroll.errors import UnrollError
 from unroll.train import state
@@ -59,8 +60,8 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, monkeypatch)
     train(DIGITS, tmp_path / "part", seed=3, overrides=over, console=QUIET, stop_after=2)
     assert record(tmp_path / "part")["epoch"] == 2
     evaluated = []
-    real = loop.evaluate
-    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: evaluated.append(1) or real(*a, **k))
+    real = tasks.evaluate
+    monkeypatch.setattr(tasks, "evaluate", lambda *a, **k: evaluated.append(1) or real(*a, **k))
     rows = train(DIGITS, tmp_path / "part", seed=3, overrides=over, console=QUIET, resume=True)
     assert len(evaluated) == 2  # only the remaining epochs were trained
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]

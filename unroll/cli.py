@@ -1,4 +1,4 @@
-"""``unroll build | explain | convert | bench | train | eval | construct | measure | attention``: the command line.
+"""``unroll build | explain | convert | bench | train | eval | generate | construct | measure | attention``: the command line.
 
 It behaves like a Unix tool: a usage mistake prints the usage and exits 2, a mistake in the input
 (a recipe, a checkpoint, an image, an output folder) prints ``error: <where>: <what>`` and exits 2,
@@ -69,7 +69,7 @@ MaxMemory = Annotated[float, typer.Option("--max-memory", metavar="GIB", min=0.0
 
 
 def _within_budget(recipe: Path, overrides: list[str], max_memory: float, batch: int | None = 1,
-                   training: bool = False, optimize: bool = True, measuring: bool = False):
+                   training: bool = False, optimize: bool = True, measuring: bool = False, images: str | None = None):
     """(the resolved recipe, its network), once the memory estimate of what the command will run
     (``batch`` images; None: the recipe's training batch) is within ``--max-memory``: nothing
     large is allocated before this."""
@@ -77,6 +77,9 @@ def _within_budget(recipe: Path, overrides: list[str], max_memory: float, batch:
     from unroll.recipe import load_recipe, to_network
 
     resolved = load_recipe(recipe, overrides)
+    if images is not None and resolved.task_kind not in ("classification", "masked_autoencoding"):
+        raise UnrollError(f"unroll {images} reads images; this recipe is a language model (task {resolved.task_kind})",
+                          where=str(recipe))
     with located(str(recipe)):
         network = to_network(resolved)
         # what one process holds at once: its share of a step's batch (torchrun sets WORLD_SIZE), one micro-batch of it
@@ -100,7 +103,7 @@ def build(
 
     from unroll.checkpoint import weights_writer
     from unroll.files import text_writer, write_files
-    from unroll.lower.model import lower_network
+    from unroll.lower.model import lower_network, sample_input
     from unroll.recipe import recipe_yaml
     from unroll.summary import data_constant_count, flops_per_sample, layout, parameter_count, step_rows
 
@@ -123,10 +126,9 @@ def build(
                       "zeros until then)")
     console.print(f"FLOPs per sample (forward): {flops_per_sample(model) / 1e9:,.2f} GFLOP")
     if compile:
-        spec = model.network.frontend
         compiled = torch.compile(model)
         with torch.no_grad():
-            compiled(torch.zeros(1, spec.channels, spec.image_size, spec.image_size))
+            compiled(sample_input(model.network))
         console.print("torch.compile: compiled and ran one forward")
     weights, recipe_file = write_files(folder, {"model.safetensors": weights_writer(model.state_dict()),
                                                 "recipe.yaml": text_writer(recipe_yaml(resolved))})
@@ -140,6 +142,9 @@ def _next_steps(recipe: Path, resolved) -> str:
     if resolved.decoder is not None:  # unroll train trains classifiers
         return f"the weights are freshly initialised (random); {load} (unroll convert reads the reference checkpoints)"
     a = resolved.architecture
+    if resolved.task_kind != "classification":  # a language model: its own corpus by default
+        return (f"the weights are freshly initialised (random); next: unroll train {recipe} --out runs/{resolved.name} "
+                f"(on Python's standard library, or --data TEXT_DIR), or {load} (unroll convert reads crate-lm's checkpoints)")
     data = "" if (a.channels, a.image_size) == (1, 8) else " --data IMAGEFOLDER"
     return (f"the weights are freshly initialised (random); next: unroll train {recipe}{data} --out runs/{resolved.name}, "
             f"or {load} (unroll convert reads the reference checkpoints)")
@@ -197,7 +202,7 @@ def bench(
 
     from unroll.bench import LONG_SEQUENCE, device_peak_tflops, run as run_bench
 
-    _within_budget(recipe, set or [], max_memory, batch, training=True, optimize=False)
+    _within_budget(recipe, set or [], max_memory, batch, training=True, optimize=False, images="bench")
     if long:
         try:
             _within_budget(recipe, [*(set or []), *LONG_SEQUENCE], max_memory, batch, optimize=False)
@@ -245,6 +250,10 @@ def train(
     init: Annotated[Optional[Path], typer.Option("--init", help="start from these weights (model.safetensors, or a run "
                                                  "folder): fine-tuning; a new class count gets a fresh classifier",
                                                  show_default=False)] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="a language model's tokenizer.json (e.g. GPT-2's)",
+                                                      show_default="a byte-level BPE trained on the training text")] = None,
+    baseline: Annotated[Optional[str], typer.Option(help="gpt: train a standard GPT at the recipe's shape instead, "
+                                                    "to compare against", show_default=False)] = None,
     workers: WorkersOpt = None,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the training step")] = False,
     precision: PrecisionOpt = None,
@@ -258,10 +267,11 @@ def train(
     resolved, _ = _within_budget(recipe, set or [], max_memory, batch=None, training=True)
     folder = out or Path("runs") / resolved.name
     rows = train_model(recipe, folder, data, seed, set or [], resume, device, init=init, workers=workers,
-                       compile=compile, precision=precision)
+                       compile=compile, precision=precision, tokenizer=tokenizer, baseline=baseline)
     if rows and int(os.environ.get("RANK", "0")) == 0:
         last = rows[-1]
-        print(f"epoch {last['epoch']}: val_acc {last['val_acc']:.4f}, val_loss {last['val_loss']:.4f}; wrote {folder}")
+        score = f"val_acc {last['val_acc']:.4f}, " if "val_acc" in last else f"val_ppl {last['val_ppl']:.2f}, "
+        print(f"epoch {last['epoch']}: {score}val_loss {last['val_loss']:.4f}; wrote {folder}")
 
 
 @app.command("eval")
@@ -286,7 +296,7 @@ def evaluate(
     from unroll.files import text_writer, write_files
     from unroll.train.evaluate import SCORES, evaluate_recipe
 
-    resolved, network = _within_budget(recipe, set or [], max_memory, batch)
+    resolved, network = _within_budget(recipe, set or [], max_memory, batch, images="eval")
     target = out or Path("runs") / resolved.name / "eval.json"
     if target.is_dir():
         raise UnrollError("--out names the JSON file to write, and this is a folder", where=str(target))
@@ -316,6 +326,37 @@ def evaluate(
 
 
 @app.command()
+def generate(
+    recipe: RecipeArg,
+    checkpoint: Annotated[Path, typer.Option(help="a run folder of unroll train (its weights and tokenizer.json), "
+                                             "or a weights file", show_default=False)],
+    prompt: Annotated[str, typer.Option(help="the text to continue", show_default=False)],
+    tokens: Annotated[int, typer.Option(help="new tokens to sample", min=1, max=1 << 20)] = 64,
+    temperature: Annotated[float, typer.Option(help="0: always the most likely token", min=0.0, max=100.0)] = 1.0,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="sample among the k most likely tokens", min=1,
+                                                 show_default="all")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the sampling", min=0, max=2**32 - 1)] = 0,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer.json", show_default="the run folder's")] = None,
+    device: DeviceOpt = None,
+    max_memory: MaxMemory = 16.0,
+    set: SetOpt = None,
+) -> None:
+    """Sample text from a trained language model (the prompt, then its continuation)."""
+    from unroll.generate import generate as sample_text
+
+    resolved, network = _within_budget(recipe, set or [], max_memory)
+    if resolved.task_kind != "causal_lm":
+        raise UnrollError(f"unroll generate continues text with a causal language model; this recipe's task is "
+                          f"{resolved.task_kind}", where=str(recipe))
+    with located(str(recipe)):
+        text, notes = sample_text(resolved, network, checkpoint, prompt, tokens, temperature, top_k, seed, tokenizer,
+                                  device)
+    for line in notes:
+        note(line)
+    print(prompt + text)
+
+
+@app.command()
 def construct(
     recipe: RecipeArg,
     data: DataOpt = None,
@@ -338,11 +379,12 @@ def construct(
 
 
 def _built(recipe: Path, checkpoint: Optional[Path], overrides: list[str], max_memory: float, batch: int = 1,
-           measuring: bool = False):
-    """(the resolved recipe, its model in eval mode with the checkpoint's weights)."""
+           measuring: bool = False, command: str | None = None):
+    """(the resolved recipe, its model in eval mode with the checkpoint's weights); ``command``: one
+    that reads images."""
     from unroll.api import build
 
-    resolved, network = _within_budget(recipe, overrides, max_memory, batch, measuring=measuring)
+    resolved, network = _within_budget(recipe, overrides, max_memory, batch, measuring=measuring, images=command)
     with located(str(recipe)):
         return resolved, build(network, checkpoint=checkpoint).eval()
 
@@ -362,7 +404,8 @@ def measure(
     from unroll.train import data as datasets
     from unroll.train.transforms import eval_transform
 
-    resolved, model = _built(recipe, checkpoint, set or [], max_memory, batch=samples, measuring=True)  # one forward of all
+    resolved, model = _built(recipe, checkpoint, set or [], max_memory, batch=samples, measuring=True,
+                             command="measure")  # one forward of all
     folder = output_folder(out or Path("runs") / resolved.name / "measure")
     a = resolved.architecture
     with located(str(recipe)):
@@ -395,7 +438,7 @@ def attention(
     from unroll.attention import cls_attention, load_image, save_overlays
 
     output_folder(out)
-    resolved, model = _built(recipe, checkpoint, set or [], max_memory)
+    resolved, model = _built(recipe, checkpoint, set or [], max_memory, command="attention")
     a = resolved.architecture
     picture = load_image(image, a.image_size, a.channels)
     number = model.plan.encoder.depth if layer is None else layer

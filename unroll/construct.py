@@ -265,6 +265,9 @@ def construct_recipe(recipe, data: str | None, out, overrides: list[str], max_me
 
     start = time.perf_counter()
     resolved = load_recipe(recipe, overrides)
+    if resolved.task_kind != "classification":
+        raise UnrollError(f"unroll construct builds classifiers of labelled images; this recipe's task is "
+                          f"{resolved.task_kind}", where=str(recipe))
     settings = resolved.construction or Construct()
     a = resolved.architecture
     with located(str(recipe)):

@@ -1,5 +1,5 @@
-"""Read checkpoints of the reference implementations (CRATE, CRATE-alpha, CRATE-MAE) into
-``unroll``'s layout.
+"""Read checkpoints of the reference implementations (CRATE, CRATE-alpha, CRATE-MAE, and crate-lm's
+CRATE language model) into ``unroll``'s layout.
 
 A layout maps each reference key to a key of the built model, with the rearrangement that takes
 the reference tensor to the derivation's shape (e.g. the qkv weight (K p, d) becomes the subspace
@@ -59,6 +59,8 @@ class Layout:
     stacks: tuple[tuple[str, str, dict], ...]
     #: keys the reference stores but never uses in its forward; dropped, and said so
     unused: tuple[str, ...] = field(default=())
+    #: key -> the key whose tensor it must equal (a tied head stored twice); checked, then dropped
+    tied: dict[str, str] = field(default_factory=dict)
 
 
 CRATE = Layout(
@@ -111,7 +113,28 @@ CRATE_MAE = Layout(
     ),
     unused=("pos_embed", "decoder_embed.weight", "decoder_embed.bias"),
 )
-LAYOUTS = (CRATE, CRATE_ALPHA, CRATE_MAE)
+CRATE_GPT = Layout(
+    "CRATE-GPT (crate-lm)",
+    "transformer.wte.weight",
+    {
+        "transformer.wte.weight": "frontend.wte.weight",
+        "transformer.wpe.weight": "frontend.wpe.weight",
+        "transformer.ln_f.weight": "head.norm.weight",
+        "transformer.ln_f.bias": "head.norm.bias",
+    },
+    ((r"transformer\.h\.(\d+)\.", "encoder", {
+        "prenorm_1.weight": (0, NORM_WEIGHT.attr, None),
+        "prenorm_1.bias": (0, NORM_BIAS.attr, None),
+        "attn.c_attn.weight": (0, SUBSPACES.attr, "(k p) d -> k d p"),  # the one projection: q = k = v
+        "attn.c_proj.weight": (0, OUTPUT.attr, "d (k p) -> k d p"),
+        "attn.c_proj.bias": (0, OUTPUT_BIAS.attr, None),
+        "prenorm_2.weight": (1, NORM_WEIGHT.attr, None),
+        "prenorm_2.bias": (1, NORM_BIAS.attr, None),
+        "ista.weight": (1, DICTIONARY.attr, "m d -> d m"),  # stored as D^T (4d, d)
+    }),),
+    tied={"lm_head.weight": "transformer.wte.weight"},
+)
+LAYOUTS = (CRATE, CRATE_ALPHA, CRATE_MAE, CRATE_GPT)
 
 
 def read_reference(path: str | Path) -> dict[str, torch.Tensor]:
@@ -133,7 +156,8 @@ def read_reference(path: str | Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UnrollError("expected a state_dict of tensors (or one under 'state_dict' or 'model')", where=str(path))
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    # DDP saves keys under "module.", a torch.compile'd model under "_orig_mod."
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
 
 
 def _unreadable(e: Exception) -> str:
@@ -169,11 +193,16 @@ def convert_reference(
             out[layout.globals[key]] = tensor
         elif key in layout.unused:
             dropped.append(key)
+        elif key in layout.tied:
+            twin = reference.get(layout.tied[key])
+            if twin is None or not torch.equal(twin, tensor):
+                raise UnrollError(f"{key} must equal {layout.tied[key]} (the model ties them: one tensor), and "
+                                  "it does not", where=where)
         elif (target := _layer_target(key, stacks, model)) is not None:
             attr_key, pattern = target
             if pattern:
                 try:
-                    tensor = rearrange(tensor, pattern, k=heads)
+                    tensor = rearrange(tensor, pattern, **({"k": heads} if re.search(r"\bk\b", pattern) else {}))
                 except Exception as e:
                     raise UnrollError(f"{shorten(key)}: cannot split {tuple(tensor.shape)} into {heads} heads ({str(e)[:200]})", where=where) from None
             if attr_key in out and not torch.equal(out[attr_key], tensor):

@@ -112,6 +112,33 @@ class PatchFrontend:
 
 
 @dataclass(frozen=True)
+class TokenFrontend:
+    """Token ids (B, T) -> tokens (B, T, d): an embedding of ``vocab_size`` rows plus a learned
+    position embedding of ``context`` rows (nanoGPT's ``wte`` and ``wpe``); T <= ``context``."""
+
+    vocab_size: Size = 50304
+    context: Size = 1024
+
+    @property
+    def tokens(self) -> int:
+        """The most tokens a sequence has (what the plan checks per-position parameters against)."""
+        return self.context
+
+
+#: the tasks of a language model: next-token prediction under a causal mask, or BERT's masked tokens
+LANGUAGE_TASKS = ("causal_lm", "masked_lm")
+
+
+@dataclass(frozen=True)
+class LanguageHead:
+    """A final LayerNorm, then logits through the token embedding itself (the head is tied to
+    ``wte``: one tensor); ``task`` says what the logits are trained to predict."""
+
+    task: Literal["causal_lm", "masked_lm"] = "causal_lm"
+    norm_eps: Positive = 1e-5
+
+
+@dataclass(frozen=True)
 class ClassifierHead:
     """Pool the cls token (or the mean token), LayerNorm, Linear to the classes."""
 
@@ -169,8 +196,8 @@ class Network:
     depth: int | None = None
     head_dim: Annotated[int, Field(strict=True, ge=1)] | None = None
     tie_layers: bool = False
-    frontend: PatchFrontend = field(default_factory=PatchFrontend)
-    head: ClassifierHead = field(default_factory=ClassifierHead)
+    frontend: PatchFrontend | TokenFrontend = field(default_factory=PatchFrontend)
+    head: ClassifierHead | LanguageHead = field(default_factory=ClassifierHead)
     name: str = "network"
     #: a masked autoencoder instead of a classifier (then ``head`` is unused)
     decoder: MaskedAutoencoder | None = None
@@ -183,12 +210,19 @@ class Network:
                               field="architecture.tie_layers")
         check_fields(self, "architecture")
         _settle(self, self.layer, self.depth, self.tie_layers, self.layers, "architecture.")
-        for name, kind in (("frontend", PatchFrontend), ("head", ClassifierHead), ("decoder", MaskedAutoencoder)):
+        for name, kinds in (("frontend", (PatchFrontend, TokenFrontend)), ("head", (ClassifierHead, LanguageHead)),
+                            ("decoder", (MaskedAutoencoder,))):
             part = getattr(self, name)
-            if not isinstance(part, kind) and not (name == "decoder" and part is None):
-                raise UnrollError(f"{name} must be a {kind.__name__}, found {type(part).__name__}", field=name)
+            if not isinstance(part, kinds) and not (name == "decoder" and part is None):
+                raise UnrollError(f"{name} must be a {' or a '.join(k.__name__ for k in kinds)}, found "
+                                  f"{type(part).__name__}", field=name)
             if part is not None:
                 check_fields(part, "decoder" if name == "decoder" else "architecture")
+        if isinstance(self.frontend, TokenFrontend) != isinstance(self.head, LanguageHead):
+            raise UnrollError("a language model reads tokens and predicts tokens: give a TokenFrontend with a "
+                              "LanguageHead, or a PatchFrontend with a ClassifierHead", field="architecture")
+        if isinstance(self.head, LanguageHead) and self.decoder is not None:
+            raise UnrollError("a language model has no masked-autoencoder decoder", field="decoder")
 
     @property
     def groups(self) -> tuple[Group, ...]:

@@ -31,7 +31,7 @@ from unroll.graph.blocks import LayerGraph, build_layer_graph
 from unroll.expr.nodes import LeadingColumns, PrefixSum
 from unroll.expr.symbols import N, d as dim, m, size_value
 from unroll.relax.tidy import matmul_factors
-from unroll.network import Group, Network
+from unroll.network import Group, Network, TokenFrontend
 from unroll.objective.base import ParamSpec, Term, Weighted
 from unroll.relax.rules import apply_all, prune, terms_of
 
@@ -204,6 +204,8 @@ _plan_cached = functools.lru_cache(maxsize=8)(_plan)
 
 def _check_network(network: Network) -> None:
     front = network.frontend
+    if isinstance(front, TokenFrontend):
+        return  # nothing of the image kind to agree: any sequence up to the context is read
     if front.image_size % front.patch_size:
         raise UnrollError(f"patch_size ({front.patch_size}) must divide image_size ({front.image_size})",
                           field="architecture.patch_size")

@@ -44,9 +44,11 @@ def forward_flops(model: torch.nn.Module, images: torch.Tensor) -> int:
 
 
 def flops_per_sample(model: torch.nn.Module) -> int:
-    """Forward FLOPs for one image (matrix products and attention, as torch counts them)."""
-    spec = model.network.frontend
-    return forward_flops(model, torch.zeros(1, spec.channels, spec.image_size, spec.image_size))
+    """Forward FLOPs for one image, or one sequence of the full context (matrix products and
+    attention, as torch counts them)."""
+    from unroll.lower.model import sample_input
+
+    return forward_flops(model, sample_input(model.network))
 
 
 def step_rows(plan: Plan) -> list[tuple[str, str, str]]:

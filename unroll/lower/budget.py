@@ -15,7 +15,7 @@ import torch
 
 from unroll.errors import UnrollError
 from unroll.expr.nodes import Softmax
-from unroll.network import Network
+from unroll.network import Network, TokenFrontend
 
 #: float32
 BYTES = 4
@@ -42,7 +42,7 @@ class Estimate:
         return (self.parameters * (4 if self.training else 1) + self.buffers) * BYTES + self.forward_bytes
 
     def describe(self) -> str:
-        images = "image" if self.batch == 1 else "images"
+        images = "sample" if self.batch == 1 else "samples"
         state = " with gradients and optimiser moments" if self.training else ""
         return (f"about {human(self.total_bytes)}: {self.parameters:,} parameters{state} "
                 f"({human(self.parameters * BYTES * (4 if self.training else 1))}) and a forward of "
@@ -65,7 +65,10 @@ def estimate(network: Network, optimize: bool = True, batch: int = 1, training: 
     buffers = sum(b.numel() for b in model.buffers())
     sizes = network.sizes()
     tokens, frontend = network.frontend.tokens, network.frontend
-    image = frontend.channels * frontend.image_size**2
+    if isinstance(frontend, TokenFrontend):  # the ids in, and the logits out (and their gradient)
+        image = tokens + tokens * frontend.vocab_size * (2 if training else 1)
+    else:
+        image = frontend.channels * frontend.image_size**2
     layers = [(layer, _layer_values(layer.steps, sizes, tokens))
               for _, stack in model.plan.stacks() for layer in stack.layers]
     if training:  # every step and iteration of every layer is kept for the backward

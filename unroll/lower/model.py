@@ -160,8 +160,25 @@ class WhiteBoxClassifier(RecipeModel):
         return self.head(self.encode(images))
 
 
+def sample_input(network: Network, batch: int = 1) -> torch.Tensor:
+    """Zeros of the shape the network reads: images (B, C, H, W), or token ids (B, context)."""
+    from unroll.network import TokenFrontend
+
+    spec = network.frontend
+    if isinstance(spec, TokenFrontend):
+        return torch.zeros(batch, spec.context, dtype=torch.int64)
+    return torch.zeros(batch, spec.channels, spec.image_size, spec.image_size)
+
+
 def lower_network(network: Network, optimize: bool = True) -> nn.Module:
-    """A classifier, or a masked autoencoder when the network has a decoder."""
+    """A classifier, a masked autoencoder when the network has a decoder, or a language model when
+    it reads tokens."""
+    from unroll.network import TokenFrontend
+
+    if isinstance(network.frontend, TokenFrontend):
+        from unroll.lower.language import WhiteBoxLanguageModel
+
+        return WhiteBoxLanguageModel(network, optimize)
     if network.decoder is not None:
         from unroll.lower.autoencoder import WhiteBoxAutoencoder
 

@@ -134,7 +134,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def recipe_yaml(recipe: Recipe) -> str:
     """The resolved recipe as YAML, every default spelled out: what was built, to rebuild it."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(recipe.resolved(), sort_keys=False)
 
 
 def write_recipe(recipe: Recipe, path: Path) -> None:

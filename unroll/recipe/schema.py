@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from unroll.derive.inverse import invert_groups, invert_layer
 from unroll.derive.steps import MAX_ITERATIONS, GradientStep, ProximalStep, SynthesisStep, step_name_problem
-from unroll.network import ClassifierHead, Group, MaskedAutoencoder, Network, PatchFrontend
+from unroll.network import LANGUAGE_TASKS, ClassifierHead, Group, LanguageHead, MaskedAutoencoder, Network, PatchFrontend, TokenFrontend
 from unroll.objective import CodingRate, Compression, DenoisingScore, L1, Lasso, NonNegative, Objective, Weighted
 from unroll.objective import Box, ElasticNet, GroupSparsity, UnitNorm, VariationalCompression
 from unroll.objective import ClassRate
@@ -50,6 +50,7 @@ MAX_HEADS = 1_024
 MAX_DEPTH = 128  # GPT-3 has 96 layers; the FLOP count of a build walks every layer
 MAX_IMAGE_SIZE = 8_192
 MAX_TOKENS = 65_536
+MAX_VOCAB = 1 << 20
 MAX_CHANNELS = 64
 MAX_CLASSES = 1 << 18
 MAX_STEPS = 32  # steps per layer
@@ -96,6 +97,9 @@ class Architecture(_Strict):
     embedding: Literal["linear", "conv", "pixels"] = "linear"
     norm_eps: Positive = 1e-5
     head_norm_eps: Positive = 1e-5
+    #: a language model's (task: causal_lm or masked_lm): the vocabulary and the longest sequence
+    vocab_size: int | None = Field(None, ge=2, le=MAX_VOCAB)
+    context: int | None = Field(None, ge=1, le=MAX_TOKENS)
 
     @field_validator("head_dim")
     @classmethod
@@ -260,6 +264,39 @@ class GroupSpec(_Strict):
         return _unique_names(steps, "steps")
 
 
+#: the image fields of ``architecture``, which a language model's recipe must not set
+IMAGE_FIELDS = ("image_size", "patch_size", "channels", "classes", "pool", "patch_norm", "cls_token", "positions",
+                "embedding")
+TOKEN_FIELDS = ("vocab_size", "context")
+TASKS = ("classification", "masked_autoencoding", *LANGUAGE_TASKS)
+
+
+class Task(_Strict):
+    """What the network is trained to do. ``masked_lm`` (BERT's objective): ``rate`` of the tokens
+    are chosen; of those, ``mask`` are replaced by the ``[MASK]`` token, ``random`` by a random
+    token, and the rest kept; the loss is the cross-entropy on the chosen positions."""
+
+    kind: Literal["classification", "masked_autoencoding", "causal_lm", "masked_lm"]
+    rate: float = Field(0.15, gt=0, lt=1)
+    mask: float = Field(0.8, ge=0, le=1)
+    random: float = Field(0.1, ge=0, le=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value):
+        return {"kind": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _rates(self):
+        given = self.model_fields_set - {"kind"}
+        if given and self.kind != "masked_lm":
+            raise ValueError(f"{', '.join(sorted(given))}: masking rates belong to task masked_lm, not {self.kind}")
+        if self.mask + self.random > 1:
+            raise ValueError(f"mask ({self.mask}) and random ({self.random}) are shares of the chosen tokens: "
+                             "together at most 1")
+        return self
+
+
 class Decoder(_Strict):
     """Masked autoencoding (CRATE-MAE): ``layer: invert`` runs the encoder layers backwards
     (each step undone, in reverse order; several groups are undone in reverse order too), or give
@@ -299,6 +336,8 @@ class Recipe(_Strict):
     #: ... or groups of different layers, one after the other
     layers: list[GroupSpec] | None = Field(None, min_length=1, max_length=MAX_GROUPS)
     decoder: Decoder | None = None
+    #: classification (the default), or masked_autoencoding (the default with a decoder), causal_lm, masked_lm
+    task: Task | None = None
     training: Training = Field(default_factory=Training)
     #: only read by ``unroll construct`` (absent: its defaults)
     construction: Construct | None = None
@@ -377,6 +416,45 @@ class Recipe(_Strict):
     def encoder_depth(self) -> int:
         return sum(repeat for _, repeat, _ in self.groups)
 
+    def resolved(self) -> dict:
+        """Every field spelled out, as plain data that reads back as this recipe: without the
+        fields the task does not read (image fields of a language model, token fields of an image
+        model), and a task's masking rates only where it masks."""
+        foreign = IMAGE_FIELDS if self.task_kind in LANGUAGE_TASKS else TOKEN_FIELDS
+        data = self.model_dump(mode="json", exclude={"architecture": set(foreign)})
+        if self.task is None:
+            del data["task"]
+        elif self.task.kind != "masked_lm":
+            data["task"] = self.task.kind
+        return data
+
+    @property
+    def task_kind(self) -> str:
+        if self.task is not None:
+            return self.task.kind
+        return "masked_autoencoding" if self.decoder is not None else "classification"
+
+    @model_validator(mode="after")
+    def _task_fits(self):
+        kind, a = self.task_kind, self.architecture
+        if (kind == "masked_autoencoding") != (self.decoder is not None):
+            raise ValueError(f"task {kind} " + ("needs a decoder section" if self.decoder is None else
+                                                "has no decoder: remove the decoder section, or say task: masked_autoencoding"))
+        if kind in LANGUAGE_TASKS:
+            missing = [f for f in TOKEN_FIELDS if getattr(a, f) is None]
+            if missing:
+                raise ValueError(f"architecture.{' and architecture.'.join(missing)}: required by task {kind}")
+            images = sorted(set(IMAGE_FIELDS) & a.model_fields_set)
+            if images:
+                raise ValueError(f"architecture.{', architecture.'.join(images)}: image fields, but task {kind} reads "
+                                 "tokens (give vocab_size and context)")
+        else:
+            tokens = sorted(f for f in TOKEN_FIELDS if getattr(a, f) is not None)
+            if tokens:
+                raise ValueError(f"architecture.{', architecture.'.join(tokens)}: token fields, but task {kind} reads "
+                                 "images; a language model says task: causal_lm or task: masked_lm")
+        return self
+
     @model_validator(mode="after")
     def _unrolled_size(self):
         for steps, _, _ in self.groups:
@@ -436,6 +514,16 @@ def _steps(recipe: Recipe, specs: list[StepSpec]) -> tuple:
     return tuple(steps)
 
 
+def _ends(recipe: Recipe) -> dict:
+    """The front end and the head the task reads and writes through."""
+    a = recipe.architecture
+    if recipe.task_kind in LANGUAGE_TASKS:
+        return dict(frontend=TokenFrontend(a.vocab_size, a.context), head=LanguageHead(recipe.task_kind, a.head_norm_eps))
+    return dict(frontend=PatchFrontend(a.image_size, a.patch_size, a.channels, a.patch_norm, a.norm_eps, a.cls_token,
+                                       a.positions, a.embedding),
+                head=ClassifierHead(a.classes, a.pool, a.head_norm_eps))
+
+
 def to_network(recipe: Recipe) -> Network:
     a = recipe.architecture
     groups = tuple(Group(_steps(recipe, steps), repeat, tie) for steps, repeat, tie in recipe.groups)
@@ -457,8 +545,7 @@ def to_network(recipe: Recipe) -> Network:
         width=a.width,
         heads=a.heads,
         head_dim=a.head_dim,
-        frontend=PatchFrontend(a.image_size, a.patch_size, a.channels, a.patch_norm, a.norm_eps, a.cls_token, a.positions, a.embedding),
-        head=ClassifierHead(a.classes, a.pool, a.head_norm_eps),
+        **_ends(recipe),
         name=recipe.name,
         decoder=decoder,
     )

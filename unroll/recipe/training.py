@@ -87,10 +87,14 @@ class Training(_Strict):
     """How ``unroll train`` trains the recipe and ``unroll eval`` evaluates it."""
 
     data: str = Field("digits", min_length=1, max_length=4096,
-                      description="digits, mixtures, an ImageFolder directory, or cifar10:DIR / cifar100:DIR")
+                      description="digits, mixtures, an ImageFolder directory, or cifar10:DIR / cifar100:DIR; "
+                                  "for a language model a text file or directory, or python-stdlib")
     epochs: int = Field(30, ge=1, le=100_000)
     #: images per optimiser step, over all processes and accumulation steps together
     batch_size: int = Field(64, ge=1, le=1 << 20)
+    #: optimiser steps per epoch, at most (a random subset of the data each epoch: a language corpus
+    #: of millions of windows is sampled, not swept); None: the whole training split
+    epoch_steps: int | None = Field(None, ge=1, le=1 << 30)
     #: each step's batch is split into this many micro-batches whose gradients add up (less memory)
     accumulate: int = Field(1, ge=1, le=MAX_ACCUMULATE)
     optimizer: Literal["adamw", "lion"] = "adamw"

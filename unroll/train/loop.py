@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -34,17 +33,30 @@ from unroll.errors import UnrollError, located
 from unroll.files import output_folder, write_csv
 from unroll.finite import name_list, nonfinite_names
 from unroll.summary import data_constant_count
-from unroll.train import data as datasets
 from unroll.train import state
 from unroll.train.device import pick_device, precision_context
-from unroll.train.evaluate import evaluate
 from unroll.train.init import initialise
-from unroll.train.loader import Transformed, batch_seed, batches, default_workers, eval_loader, seeded, train_loader
+from unroll.train.loader import batch_seed, batches, default_workers, eval_loader, train_loader
 from unroll.train.optim import make_optimizer, warmup_cosine, warmup_cosine_epochs
-from unroll.train.transforms import batch_mixing, eval_transform, train_transform
+from unroll.train.tasks import open_task
 from unroll.train.world import World, everywhere, join, next_together, together
 
-METRICS = state.METRICS
+
+#: --baseline: the models a white-box recipe can be compared against
+BASELINES = ("gpt",)
+
+
+def _baseline(recipe, name: str, where: str) -> torch.nn.Module:
+    """The standard model ``name`` at the recipe's width, depth, heads, vocabulary and context."""
+    from unroll.train.baseline import BaselineLM
+
+    if name not in BASELINES:
+        raise UnrollError(f"--baseline must be one of {', '.join(BASELINES)}, found {name!r}")
+    if recipe.task_kind not in ("causal_lm", "masked_lm"):
+        raise UnrollError(f"--baseline gpt is a language model; this recipe's task is {recipe.task_kind}", where=where)
+    a = recipe.architecture
+    return BaselineLM(a.vocab_size, a.context, a.width, a.depth or recipe.encoder_depth, a.heads,
+                      causal=recipe.task_kind == "causal_lm")
 
 
 def _effective_batch(t, world: World) -> int:
@@ -63,8 +75,13 @@ def _rate(images: int, seconds: float) -> str:
 def train(recipe_path: str | Path, out: str | Path, data: str | None = None, seed: int = 0,
           overrides: list[str] | None = None, resume: bool = False, device: str | None = None,
           stop_after: int | None = None, console: Console | None = None, *, init: str | Path | None = None,
-          workers: int | None = None, compile: bool = False, precision: str | None = None) -> list[dict]:
-    """Train ``recipe_path``'s classifier; returns the metrics rows (one per epoch).
+          workers: int | None = None, compile: bool = False, precision: str | None = None,
+          tokenizer: str | Path | None = None, baseline: str | None = None) -> list[dict]:
+    """Train ``recipe_path``'s classifier or language model (:mod:`unroll.train.tasks`); returns the
+    metrics rows (one per epoch). ``tokenizer``: a language model's ``tokenizer.json`` to use instead
+    of training one on the data. ``baseline``: ``gpt`` trains, instead of the recipe's white-box
+    model, the standard transformer of :mod:`unroll.train.baseline` at the recipe's shape, on the
+    same data, tokenizer, optimiser and steps (a comparison; it is not derived from anything).
 
     ``init``: start from these weights (fine-tuning; see :mod:`unroll.train.init`). ``workers``:
     loader processes (default: none for data in memory, else up to 8). ``compile``: torch.compile
@@ -90,33 +107,30 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
         state.check_fresh(out)
     t, a = recipe.training, recipe.architecture
     if recipe.decoder is not None:
-        raise UnrollError("unroll train trains classifiers; this recipe builds a masked autoencoder", where=str(recipe_path))
+        raise UnrollError("unroll train trains classifiers and language models; this recipe builds a masked "
+                          "autoencoder", where=str(recipe_path))
     micro = _effective_batch(t, world)
-    with located(str(recipe_path)):
-        source = datasets.open_data(data or t.data, a.image_size, a.channels)
-    if len(source.classes) != a.classes:
-        raise UnrollError(f"the data has {len(source.classes)} classes, the recipe's architecture.classes is {a.classes}"
-                          f"; fine-tuning on it: --set architecture.classes={len(source.classes)}", where=str(recipe_path))
-    steps_per_epoch = len(source.train) // t.batch_size
+    task = open_task(recipe, data, seed, out, resume, tokenizer, str(recipe_path))
+    steps_per_epoch = len(task.train_set) // t.batch_size
+    if t.epoch_steps is not None:
+        steps_per_epoch = min(steps_per_epoch, t.epoch_steps)
     if steps_per_epoch == 0:
-        raise UnrollError(f"batch_size ({t.batch_size}) is larger than the training split ({len(source.train)} images)",
-                          field="training.batch_size")
-    workers = default_workers(source.in_memory) if workers is None else workers
+        raise UnrollError(f"batch_size ({t.batch_size}) is larger than the training split ({len(task.train_set)} "
+                          "items)", field="training.batch_size")
+    workers = default_workers(task.in_memory) if workers is None else workers
     pin = dev.type == "cuda"
-    train_set = Transformed(source.train, train_transform(t, a.image_size, a.channels), seed)
-    loader, order = train_loader(train_set, micro, world.rank, world.size, seed, workers, pin)
-    val_loader = eval_loader(Transformed(source.val, eval_transform(t, a.image_size, a.channels)), min(256, micro),
-                             world.rank, world.size, workers, pin)
-    mixing = batch_mixing(t, a.classes)
+    loader, order = train_loader(task.train_set, micro, world.rank, world.size, seed, workers, pin)
+    val_loader = eval_loader(task.val_set, min(256, micro), world.rank, world.size, workers, pin)
 
     torch.manual_seed(seed)
     with located(str(recipe_path)):
-        model = build(recipe).to(dev)
+        model = (build(recipe) if baseline is None else _baseline(recipe, baseline, str(recipe_path))).to(dev)
     if data_constant_count(model):  # zeros until fitted: training would fit a head to the identity
         raise UnrollError("this recipe's layers hold constants computed from data (E, C_k, ...), not learned ones; "
                           "build it with unroll construct", where=str(recipe_path))
     started_from = initialise(model, init) if init is not None else []
-    channels_last = dev.type == "cuda" and a.embedding == "conv"  # the convolution's fast layout on a GPU
+    # the convolution's fast layout on a GPU
+    channels_last = dev.type == "cuda" and task.unit == "images" and a.embedding == "conv"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(t.optimizer, model.parameters(), t.lr, t.weight_decay)
@@ -126,7 +140,9 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
     else:
         factor = lambda n: warmup_cosine(n, t.warmup_epochs * steps_per_epoch, steps_per_epoch * t.epochs)  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    info = {"recipe": state.recipe_digest(recipe), "seed": seed, "data": data or t.data, "world_size": world.size}
+    # a baseline run trains another model on the recipe's data: never resumed as the recipe's own
+    digest = state.recipe_digest(recipe) + ("" if baseline is None else f"+baseline-{baseline}")
+    info = {"recipe": digest, "seed": seed, "data": data or t.data, "world_size": world.size}
     rows: list[dict] = []
     start = 0
     if resume:
@@ -137,9 +153,10 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
             raise UnrollError("the processes found different newest checkpoints (is the folder shared by every "
                               "node?); resume from one that all of them see", where=str(out))
         # rows past the checkpoint (from a crash before it was published) are dropped
-        together(lambda: write_csv(out / "metrics.csv", rows, METRICS), world, dev, only_main=True)
+        together(lambda: write_csv(out / "metrics.csv", rows, task.columns), world, dev, only_main=True)
     else:
         together(lambda: write_recipe(recipe, out / "recipe.yaml"), world, dev, only_main=True)
+    together(lambda: task.save(out), world, dev, only_main=True)
     net = model
     if world.size > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -147,25 +164,31 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
     if world.main:
         for line in started_from:
             console.print(f"--init: {line}", highlight=False, markup=False, soft_wrap=True)
-        console.print(f"{source.name}: {len(source.train):,} training and {len(source.val):,} validation images, "
-                      f"{len(source.classes)} classes; batch {t.batch_size} = {world.size} process"
+        if baseline is not None:
+            from unroll.summary import parameter_count
+
+            with torch.device("meta"):
+                white_box = parameter_count(build(recipe))
+            console.print(f"--baseline {baseline}: {parameter_count(model):,} parameters (the recipe's white-box "
+                          f"model: {white_box:,})", highlight=False, markup=False, soft_wrap=True)
+        console.print(f"{task.describe()}; batch {t.batch_size} = {world.size} process"
                       f"{'es' if world.size > 1 else ''} × {t.accumulate} accumulation step{'s' if t.accumulate > 1 else ''} "
-                      f"× {micro} images; {workers} loader worker{'s' if workers != 1 else ''}; {precision}"
+                      f"× {micro}; {workers} loader worker{'s' if workers != 1 else ''}; {precision}"
                       f"{', compiled' if compile else ''}{', channels_last' if channels_last else ''}",
                       highlight=False, markup=False, soft_wrap=True)
 
     # off a terminal a live bar shows nothing until the end: there, the per-epoch lines only
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
                         TimeElapsedColumn(), console=console, disable=not (world.main and console.is_terminal))
-    task = progress.add_task("", total=steps_per_epoch, status="")
+    bar = progress.add_task("", total=steps_per_epoch, status="")
     with progress:
         for epoch in range(start, t.epochs if stop_after is None else min(t.epochs, start + stop_after)):
             began = time.perf_counter()
             order.set_epoch(epoch)
             batches_of_epoch = batches(loader, steps_per_epoch * t.accumulate)
             # one bar, reset each epoch: a bar per epoch would push the current one off a short terminal
-            progress.reset(task, total=steps_per_epoch, description=f"epoch {epoch + 1}/{t.epochs}", status="")
-            seen, loss_sum, correct, waited, stepped = 0, 0.0, 0.0, 0.0, 0.0
+            progress.reset(bar, total=steps_per_epoch, description=f"epoch {epoch + 1}/{t.epochs}", status="")
+            seen, predicted, loss_sum, correct, waited, stepped = 0, 0, 0.0, 0.0, 0.0, 0.0
             for step in range(steps_per_epoch):
                 optimizer.zero_grad(set_to_none=True)
                 step_loss = 0.0
@@ -175,10 +198,8 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
                     computing = time.perf_counter()
                     waited += computing - ready
                     x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                    target = y
-                    if mixing is not None:  # per micro-batch, seeded by its place in the run
-                        with seeded(batch_seed(seed, epoch, step, world.rank * t.accumulate + part)):
-                            x, target = mixing(x, y)
+                    # MixUp/CutMix or masking, per micro-batch, seeded by its place in the run
+                    x, target = task.prepare(x, y, batch_seed(seed, epoch, step, world.rank * t.accumulate + part))
                     if channels_last:  # after mixing: its outputs are contiguous
                         x = x.contiguous(memory_format=torch.channels_last)
                     # gradients are all-reduced once per step, at its last micro-batch
@@ -186,13 +207,15 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
                     with contextlib.nullcontext() if sync else net.no_sync():
                         with amp:
                             logits = step_net(x)
-                        loss = F.cross_entropy(logits.float(), target, label_smoothing=t.label_smoothing)
+                        loss = task.loss(logits, target)
                         (loss / t.accumulate).backward()
                     value = loss.item()
                     step_loss += value
-                    seen += len(y)
-                    loss_sum += value * len(y)
-                    correct += (logits.argmax(-1) == y).sum().item()
+                    hits, counted = task.hits(logits, y, target)
+                    seen += task.count(x)
+                    loss_sum += value * counted
+                    correct += hits
+                    predicted += counted
                     stepped += time.perf_counter() - computing
                 # before the update: a non-finite step never reaches the weights
                 if not math.isfinite(summed := everywhere(step_loss, world, dev)):  # every later step would be NaN too
@@ -207,36 +230,34 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
                 if not per_epoch:
                     scheduler.step()
                 stepped += time.perf_counter() - computing
-                progress.update(task, advance=1, status=f"loss {loss_sum / seen:.3f}  acc {correct / seen:.3f}  "
-                                f"{_rate(seen * world.size, time.perf_counter() - began)} img/s (loader "
+                progress.update(bar, advance=1, status=f"loss {loss_sum / predicted:.3f}  acc {correct / predicted:.3f}  "
+                                f"{_rate(seen * world.size, time.perf_counter() - began)} {task.unit}/s (loader "
                                 f"{_rate(seen, waited)}, model {_rate(seen, stepped)})")
             lr = scheduler.get_last_lr()[0]  # per epoch: the rate this epoch trained with; per step: the next step's
             if per_epoch:
                 scheduler.step()
             if world.size > 1:  # the epoch's training figures over all processes
-                sums = torch.tensor([seen, loss_sum, correct], dtype=torch.float64, device=dev)
+                sums = torch.tensor([seen, predicted, loss_sum, correct], dtype=torch.float64, device=dev)
                 dist.all_reduce(sums)
-                seen, loss_sum, correct = int(sums[0]), float(sums[1]), float(sums[2])
+                seen, predicted, loss_sum, correct = int(sums[0]), int(sums[1]), float(sums[2]), float(sums[3])
             seconds = time.perf_counter() - began
-            scores = evaluate(model, val_loader, dev, amp, world=world)
-            row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
-                   "val_loss": scores.loss, "val_acc": scores.top1, "val_top5": scores.top5, "lr": lr,
-                   "images_per_second": seen / seconds, "loader_wait": waited / seconds, "seconds": seconds}
+            val = task.validate(model, val_loader, dev, amp, world)
+            row = task.row(epoch + 1, seen, loss_sum / predicted, correct / predicted, val, lr, seen / seconds,
+                           waited / seconds, seconds)
             rows.append(row)
             if bad := nonfinite_names(model.state_dict()):
                 raise UnrollError(f"the weights became NaN or inf at epoch {epoch + 1} ({name_list(bad)}); lower "
                                   f"training.lr (now {t.lr:g}); the checkpoints of earlier epochs are kept",
                                   where=str(recipe_path))
             def commit(epoch=epoch):  # the checkpoint is the commit; metrics.csv is rewritten from it on resume
-                write_csv(out / "metrics.csv", rows, METRICS)
+                write_csv(out / "metrics.csv", rows, task.columns)
                 state.save(out, model, optimizer, scheduler, epoch + 1, info, rows)
 
             together(commit, world, dev, only_main=True)
             if world.main:
                 console.print(
-                    f"epoch {epoch + 1}/{t.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
-                    f"val loss {scores.loss:.4f} acc {scores.top1:.4f} top-5 {scores.top5:.4f}  lr {lr:.3g}  "
-                    f"{row['images_per_second']:,.0f} img/s, {row['loader_wait']:.0%} waiting for data  {seconds:.1f} s",
+                    f"epoch {epoch + 1}/{t.epochs}  {task.line(row)}  lr {lr:.3g}  {seen / seconds:,.0f} {task.unit}/s, "
+                    f"{waited / seconds:.0%} waiting for data  {seconds:.1f} s",
                     highlight=False, markup=False, soft_wrap=True)
     if world.size > 1:
         dist.barrier()

@@ -48,6 +48,9 @@ _NAME = re.compile(r"epoch-(\d{4,})")
 #: the columns of a metrics row (``metrics.csv``, and the rows a checkpoint records)
 METRICS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "images_per_second",
            "loader_wait", "seconds"]
+#: the columns of a language model's metrics rows (``tokens``: seen so far)
+LANGUAGE_METRICS = ["epoch", "train_loss", "val_loss", "val_ppl", "tokens", "lr", "tokens_per_second", "loader_wait",
+                    "seconds"]
 #: what a hand-edited but well-typed state makes torch raise while it is restored
 _BROKEN = (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError)
 
@@ -66,7 +69,7 @@ def digest(path: Path) -> str:
 def recipe_digest(recipe) -> str:
     """Of the whole resolved recipe, training section included: resuming with another schedule,
     batch size or optimiser would not continue the same run."""
-    return hashlib.sha256(json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(recipe.resolved(), sort_keys=True).encode()).hexdigest()
 
 
 def checkpoints(out: Path) -> list[tuple[int, Path]]:
@@ -209,7 +212,8 @@ def read_record(folder: Path, epoch: int) -> dict:
                           f"and {len(record['metrics'])} rows", where=str(path))
     if bad := [i + 1 for i, row in enumerate(record["metrics"]) if not _is_row(row)]:
         raise UnrollError(f"the training state is damaged: metrics rows {', '.join(map(str, bad[:5]))} are not rows "
-                          f"of numbers with the columns {', '.join(METRICS)}", where=str(path))
+                          f"of numbers with the columns {', '.join(METRICS)} (or a language model's "
+                          f"{', '.join(LANGUAGE_METRICS)})", where=str(path))
     for name in (WEIGHTS, STATE_TENSORS):
         file = folder / name
         if not file.is_file() or digest(file) != record["files"].get(name):
@@ -218,7 +222,7 @@ def read_record(folder: Path, epoch: int) -> dict:
 
 
 def _is_row(row) -> bool:
-    return (isinstance(row, dict) and sorted(row) == sorted(METRICS)
+    return (isinstance(row, dict) and sorted(row) in (sorted(METRICS), sorted(LANGUAGE_METRICS))
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row.values()))
 
 

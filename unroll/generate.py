@@ -1,0 +1,73 @@
+"""``unroll generate``: text sampled from a trained language model, one token at a time.
+
+Each new token is drawn from the model's distribution at the last position, ``softmax(logits /
+temperature)`` restricted to the ``top_k`` most likely tokens (greedy at temperature 0), under a
+seeded generator. The positions are learned and absolute, so the model reads at most its context:
+a prompt longer than the context is refused, and once prompt and new tokens pass it the model
+reads the last ``context`` tokens (a sliding window), which the command says before sampling.
+Every step recomputes the forward over the window: there is no cache of earlier positions yet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from unroll.errors import UnrollError
+
+
+def sample(model: torch.nn.Module, ids: list[int], tokens: int, temperature: float = 1.0, top_k: int | None = None,
+           seed: int = 0) -> list[int]:
+    """``tokens`` new ids after ``ids``, drawn as the module docstring says."""
+    context = model.network.frontend.context
+    if temperature < 0:
+        raise UnrollError(f"--temperature must be at least 0 (0: the most likely token), found {temperature:g}")
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(tokens):
+            window = torch.tensor(out[-context:], device=device)[None]  # (1, T)
+            logits = model(window)[0, -1].float().cpu()  # (vocab,)
+            if temperature == 0:
+                out.append(int(logits.argmax()))
+                continue
+            if top_k is not None and top_k < logits.numel():
+                floor = logits.topk(top_k).values[-1]
+                logits = logits.masked_fill(logits < floor, float("-inf"))
+            probabilities = torch.softmax(logits / temperature, dim=-1)
+            out.append(int(torch.multinomial(probabilities, 1, generator=generator)))
+    return out[len(ids):]
+
+
+def generate(recipe, network, checkpoint: str | Path, prompt: str, tokens: int, temperature: float, top_k: int | None,
+             seed: int, tokenizer: str | Path | None = None, device: str | None = None) -> tuple[str, list[str]]:
+    """(the generated text, notes). ``checkpoint``: a weights file, or a run folder holding
+    ``model.safetensors`` and the run's ``tokenizer.json``; ``tokenizer`` overrides the latter."""
+    from unroll.api import build
+    from unroll.train import text
+    from unroll.train.device import pick_device
+    from unroll.train.state import WEIGHTS
+
+    checkpoint = Path(checkpoint)
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    weights = checkpoint / WEIGHTS if checkpoint.is_dir() else checkpoint
+    if not weights.is_file():
+        raise UnrollError("no such weights file (give model.safetensors, or the run folder that holds it)",
+                          where=str(weights))
+    a = recipe.architecture
+    tok = text.load_tokenizer(tokenizer or folder / text.TOKENIZER_FILE, a.vocab_size)
+    ids = tok.encode(prompt).ids
+    if not ids:
+        raise UnrollError("the prompt is empty: give --prompt some text to continue")
+    if len(ids) > a.context:
+        raise UnrollError(f"the prompt is {len(ids):,} tokens, longer than the model's context of {a.context:,}; "
+                          "shorten it")
+    notes = []
+    if len(ids) + tokens > a.context:
+        notes.append(f"prompt ({len(ids)} tokens) and {tokens} new tokens pass the context of {a.context}: each new "
+                     f"token is predicted from the last {a.context} tokens")
+    model = build(network, checkpoint=weights).to(pick_device(device)).eval()
+    new = sample(model, ids, tokens, temperature, top_k, seed)
+    return tok.decode(new), notes

@@ -1,0 +1,211 @@
+"""What ``unroll train`` trains a network to do: classify images, or model language.
+
+The training loop (:mod:`unroll.train.loop`) is the same for every task: batches from the loader,
+micro-batches, the optimiser, checkpoints, torchrun. A task supplies what differs: its data
+(``train_set``/``val_set`` of (input, target) items), how a micro-batch becomes the model's input
+and target (MixUp/CutMix for images, BERT's masking for a masked language model), the loss, what
+counts as a hit, the validation figures and the columns of ``metrics.csv``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from unroll.errors import UnrollError, located
+from unroll.train import data as datasets
+from unroll.train import state
+from unroll.train.evaluate import evaluate
+from unroll.train.loader import Transformed, batches
+from unroll.train.transforms import batch_mixing, eval_transform, train_transform
+from unroll.train.world import World, next_together
+
+#: ``--data`` (or ``training.data``) naming the corpus every machine has: the Python standard library
+PYTHON_STDLIB = "python-stdlib"
+
+
+@dataclass
+class ImageClassification:
+    """Images -> classes: the recipe's augmentation per image, MixUp/CutMix per micro-batch,
+    cross-entropy with label smoothing; validation top-1, top-5 and loss."""
+
+    recipe: Any
+    data: str
+    seed: int
+    columns: list[str] = field(default_factory=lambda: list(state.METRICS))
+    unit: str = "images"
+
+    def __post_init__(self):
+        t, a = self.recipe.training, self.recipe.architecture
+        source = datasets.open_data(self.data, a.image_size, a.channels)
+        if len(source.classes) != a.classes:
+            raise UnrollError(f"the data has {len(source.classes)} classes, the recipe's architecture.classes is "
+                              f"{a.classes}; fine-tuning on it: --set architecture.classes={len(source.classes)}")
+        self.name, self.in_memory = source.name, source.in_memory
+        self.train_set = Transformed(source.train, train_transform(t, a.image_size, a.channels), self.seed)
+        self.val_set = Transformed(source.val, eval_transform(t, a.image_size, a.channels))
+        self.mixing = batch_mixing(t, a.classes)
+
+    def describe(self) -> str:
+        return (f"{self.name}: {len(self.train_set):,} training and {len(self.val_set):,} validation images, "
+                f"{self.recipe.architecture.classes} classes")
+
+    def prepare(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input, target) of a micro-batch; MixUp/CutMix under ``seed`` make soft targets."""
+        if self.mixing is None:
+            return x, y
+        from unroll.train.loader import seeded
+
+        with seeded(seed):
+            return self.mixing(x, y)
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), target, label_smoothing=self.recipe.training.label_smoothing)
+
+    def hits(self, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
+        return int((logits.argmax(-1) == y).sum().item()), len(y)
+
+    def count(self, x: torch.Tensor) -> int:
+        return len(x)
+
+    def validate(self, model, loader, device, autocast, world: World) -> dict:
+        scores = evaluate(model, loader, device, autocast, world=world)
+        return {"val_loss": scores.loss, "val_acc": scores.top1, "val_top5": scores.top5}
+
+    def row(self, epoch: int, units: int, train_loss: float, hits: float, val: dict, lr: float, rate: float,
+            wait: float, seconds: float) -> dict:
+        return {"epoch": epoch, "train_loss": train_loss, "train_acc": hits, **val, "lr": lr,
+                "images_per_second": rate, "loader_wait": wait, "seconds": seconds}
+
+    def line(self, row: dict) -> str:
+        return (f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  val loss {row['val_loss']:.4f} "
+                f"acc {row['val_acc']:.4f} top-5 {row['val_top5']:.4f}")
+
+    def save(self, out: Path) -> None:
+        """Files beside the checkpoints (none for images)."""
+
+
+@dataclass
+class LanguageModelling:
+    """Token windows -> the next token (``causal_lm``) or the masked ones (``masked_lm``, BERT's
+    15% / 80-10-10); a byte-level BPE tokenizer trained on the training text (or the run's own
+    ``tokenizer.json`` on resume, or the user's); validation loss and perplexity per token."""
+
+    recipe: Any
+    data: str | None
+    seed: int
+    out: Path
+    resume: bool
+    tokenizer: str | Path | None = None
+    cache: str | Path | None = None
+    columns: list[str] = field(default_factory=lambda: list(state.LANGUAGE_METRICS))
+    unit: str = "tokens"
+
+    def __post_init__(self):
+        from unroll.train import text
+
+        a = self.recipe.architecture
+        spec = None if self.data in (None, PYTHON_STDLIB) else self.data
+        own = self.out / text.TOKENIZER_FILE
+        given = own if self.resume and own.is_file() else self.tokenizer
+        splits = text.open_tokens(spec, a.vocab_size, a.context, cache=self.cache, tokenizer=given)
+        self.text = text
+        self.tokenizer_model = splits.tokenizer
+        self.name, self.in_memory = splits.name, splits.in_memory
+        self.train_set, self.val_set = splits.train, splits.val
+        self.masked = self.recipe.task_kind == "masked_lm"
+        if self.masked:
+            self.mask_id = text.token_id(splits.tokenizer, text.MASK)
+
+    def describe(self) -> str:
+        context = self.recipe.architecture.context
+        return (f"{self.name}: {len(self.train_set):,} training and {len(self.val_set):,} validation windows of "
+                f"{context} tokens, vocabulary {self.recipe.architecture.vocab_size:,}")
+
+    def prepare(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.masked:
+            return x, y  # y: x shifted by one, the next tokens
+        task = self.recipe.task
+        generator = torch.Generator(device=x.device).manual_seed(seed)
+        return self.text.mask_tokens(x, self.recipe.architecture.vocab_size, self.mask_id, generator,
+                                     task.rate, task.mask, task.random)
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=self.text.IGNORE_INDEX)
+
+    def hits(self, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
+        counted = target != self.text.IGNORE_INDEX
+        return int(((logits.argmax(-1) == target) & counted).sum().item()), int(counted.sum().item())
+
+    def count(self, x: torch.Tensor) -> int:
+        return x.numel()
+
+    def validate(self, model, loader, device, autocast, world: World) -> dict:
+        """Mean cross-entropy per predicted token over the held-out windows (masked positions drawn
+        under fixed seeds, the same every epoch)."""
+        import contextlib
+
+        import torch.distributed as dist
+
+        was_training = model.training
+        model.eval()
+        sums = torch.zeros(2, dtype=torch.float64)  # loss summed over tokens, tokens
+        items = batches(loader)
+        number = 0
+        with torch.no_grad():
+            while True:
+                batch, going = next_together(items, world, device)
+                if not going:
+                    break
+                if batch is None:
+                    continue
+                x, y = (v.to(device) for v in batch)
+                inputs, target = self.prepare(x, y, seed=(world.rank << 32) + number)
+                number += 1
+                with autocast or contextlib.nullcontext():
+                    logits = model(inputs)
+                losses = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(),
+                                         ignore_index=self.text.IGNORE_INDEX, reduction="sum")
+                sums += torch.tensor([losses.item(), (target != self.text.IGNORE_INDEX).sum().item()],
+                                     dtype=torch.float64)
+        if world.size > 1:
+            sums = sums.to(device)
+            dist.all_reduce(sums)
+            sums = sums.cpu()
+        model.train(was_training)
+        loss = sums[0].item() / max(sums[1].item(), 1)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
+
+    def row(self, epoch: int, units: int, train_loss: float, hits: float, val: dict, lr: float, rate: float,
+            wait: float, seconds: float) -> dict:
+        """``units``: the tokens of one epoch, all processes (every epoch trains as many)."""
+        return {"epoch": epoch, "train_loss": train_loss, **val, "tokens": epoch * units, "lr": lr,
+                "tokens_per_second": rate, "loader_wait": wait, "seconds": seconds}
+
+    def line(self, row: dict) -> str:
+        return (f"train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f} ppl {row['val_ppl']:.1f}  "
+                f"{row['tokens']:,} tokens")
+
+    def save(self, out: Path) -> None:
+        """The tokenizer beside the checkpoints: resuming, generating and evaluating read this one."""
+        self.text.save_tokenizer(self.tokenizer_model, out)
+
+
+def open_task(recipe, data: str | None, seed: int, out: Path, resume: bool, tokenizer: str | Path | None,
+              where: str) -> ImageClassification | LanguageModelling:
+    """The task the recipe states, with its data opened (nothing decoded yet)."""
+    from unroll.network import LANGUAGE_TASKS
+
+    with located(where):
+        if recipe.task_kind in LANGUAGE_TASKS:
+            # a language recipe that names no data reads the corpus every machine has
+            named = recipe.training.data if "data" in recipe.training.model_fields_set else None
+            return LanguageModelling(recipe, data or named, seed, out, resume, tokenizer)
+        if tokenizer is not None:
+            raise UnrollError("--tokenizer is for language models; this recipe classifies images")
+        return ImageClassification(recipe, data or recipe.training.data, seed)
