@@ -4,6 +4,7 @@ CRATE language model of crate-lm, converted and computing the reference's logits
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -219,7 +220,7 @@ def test_a_gpt_baseline_trains_on_the_recipes_data_and_is_not_resumed_as_the_rec
     # 9,600 (300 x 32) + 512 (16 x 32) + 25,408 (2 x (12 x 32² + 13 x 32)) + 64 (ln_f), and the white-box count
     assert "--baseline gpt: 35,584 parameters (the recipe's white-box model: " in err
     assert main([*args, "--out", str(tmp_path / "gpt"), "--resume"]) == 2
-    assert "another recipe" in capsys.readouterr().err
+    assert "this run trained --baseline gpt, not the recipe's own model" in capsys.readouterr().err
 
 
 # --- generation ----------------------------------------------------------------------------------------
@@ -263,3 +264,88 @@ def test_a_prompt_longer_than_the_context_is_refused(tmp_path, monkeypatch, caps
                *[a for s in FAST for a in ("--set", s)]])
     err = capsys.readouterr().err
     assert rc == 2 and "longer than the model's context of 16" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_crate_gpt_tiny_on_the_standard_library_beats_the_unigram_entropy(tmp_path, monkeypatch, quiet):
+    """A short run on the default corpus: validation loss at most 0.8 x the unigram entropy of the
+    held-out text under the same tokenizer (a model that ignores context scores 1.0 x)."""
+    from unroll.train import text
+    from unroll.train.loop import train
+
+    monkeypatch.setenv("UNROLL_CACHE", str(tmp_path / "cache"))
+    rows = train(TINY, tmp_path / "run", overrides=["training.epochs=4"], console=quiet)
+    tokenizer = text.load_tokenizer(tmp_path / "run")
+    held_out = text.cached_ids(text.open_text(None).val, tokenizer)
+    entropy = text.unigram_entropy(np.asarray(held_out), 512)
+    assert 4.0 < entropy < 7.0  # nats per token of a 512-token BPE on Python source
+    assert rows[-1]["val_loss"] <= 0.8 * entropy, (rows[-1]["val_loss"], entropy)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_the_language_model_one_does(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    data = str(corpus(tmp_path / "text"))
+    args = ["-m", "unroll", "train", str(TINY), "--device", "cpu", "--data", data,
+            *[a for s in FAST for a in ("--set", s)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "UNROLL_CACHE": str(tmp_path / "cache")}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args,
+                          "--out", str(tmp_path / "ddp")], capture_output=True, text=True, env=env, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = load_file(str(tmp_path / "ddp" / "model.safetensors")), load_file(str(tmp_path / "one" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_a_causal_lm_that_looks_ahead_is_refused_before_training(tmp_path, monkeypatch, quiet):
+    from unroll.train.loop import train
+
+    monkeypatch.setenv("UNROLL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(UnrollError, match="task causal_lm needs a causal model, and this one looks ahead"):
+        train(TINY, tmp_path / "run", data=str(corpus(tmp_path / "text")), console=quiet,
+              overrides=FAST + ["layer.0.relax.2.softmax.causal=false"])
+
+
+def test_masked_windows_hide_their_targets_the_same_way_wherever_they_are_read():
+    from unroll.recipe.schema import Task
+    from unroll.train import text
+    from unroll.train.tasks import MaskedWindows
+
+    ids = np.arange(10, 10 + 64 * 50 + 1) % 250 + 2  # no special ids among the originals
+    windows = text.TokenWindows(ids.astype(np.uint16), 64)
+    masked = MaskedWindows(windows, 300, 1, Task(kind="masked_lm"), seed=3)
+    inputs, targets = masked[(2, 7)]
+    original = torch.as_tensor(ids[7 * 64: 8 * 64].astype(np.int64))
+    chosen = targets != text.IGNORE_INDEX
+    assert torch.equal(targets[chosen], original[chosen])  # the loss sees the originals, and only there
+    assert torch.equal(inputs[~chosen], original[~chosen])
+    assert (inputs[chosen] == 1).sum() > 0  # [MASK] (id 1 here) where chosen, mostly
+    again, _ = masked[(2, 7)]
+    assert torch.equal(again, inputs) and not torch.equal(masked[(3, 7)][0], inputs)  # by epoch and window
+    assert torch.equal(masked[7][0], masked[7][0])  # validation: by window alone
+
+
+def test_a_micro_batch_without_masked_positions_adds_nothing(tmp_path, monkeypatch):
+    from unroll.train.tasks import LanguageModelling
+
+    monkeypatch.setenv("UNROLL_CACHE", str(tmp_path / "cache"))
+    recipe = load_recipe(TINY, FAST + ["task=masked_lm", "layer.0.relax.2.softmax.causal=false"])
+    task = LanguageModelling(recipe, str(corpus(tmp_path / "text")), 0, tmp_path / "out", False)
+    logits = torch.randn(2, 16, 300, requires_grad=True)
+    loss, summed, counted = task.loss(logits, torch.full((2, 16), -100))
+    loss.backward()
+    assert loss.item() == 0 and summed == 0 and counted == 0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_a_tokenizer_with_resume_is_refused(tmp_path, capsys):
+    from unroll.cli import main
+
+    rc = main(["train", str(TINY), "--tokenizer", str(tmp_path / "t.json"), "--resume", "--out", str(tmp_path)])
+    assert rc == 2 and "--tokenizer starts a run with that tokenizer" in capsys.readouterr().err

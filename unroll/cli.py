@@ -265,6 +265,15 @@ def train(
     from unroll.train.loop import train as train_model
 
     resolved, _ = _within_budget(recipe, set or [], max_memory, batch=None, training=True)
+    if baseline is not None:  # before any data is read
+        from unroll.network import LANGUAGE_TASKS
+        from unroll.train.loop import BASELINES
+
+        if baseline not in BASELINES:
+            raise UnrollError(f"--baseline must be one of {', '.join(BASELINES)}, found {excerpt(baseline)}")
+        if resolved.task_kind not in LANGUAGE_TASKS:
+            raise UnrollError(f"--baseline {baseline} is a language model; this recipe's task is {resolved.task_kind}",
+                              where=str(recipe))
     folder = out or Path("runs") / resolved.name
     rows = train_model(recipe, folder, data, seed, set or [], resume, device, init=init, workers=workers,
                        compile=compile, precision=precision, tokenizer=tokenizer, baseline=baseline)

@@ -1,7 +1,8 @@
 """``unroll generate``: text sampled from a trained language model, one token at a time.
 
 Each new token is drawn from the model's distribution at the last position, ``softmax(logits /
-temperature)`` restricted to the ``top_k`` most likely tokens (greedy at temperature 0), under a
+temperature)`` restricted to the ``top_k`` most likely tokens (greedy at temperature 0, and below
+:data:`GREEDY_BELOW`), under a
 seeded generator. The positions are learned and absolute, so the model reads at most its context:
 a prompt longer than the context is refused, and once prompt and new tokens pass it the model
 reads the last ``context`` tokens (a sliding window), which the command says before sampling.
@@ -15,6 +16,9 @@ from pathlib import Path
 import torch
 
 from unroll.errors import UnrollError
+
+#: temperatures below this sample the most likely token (their softmax is the argmax's, in the limit)
+GREEDY_BELOW = 1e-6
 
 
 def sample(model: torch.nn.Module, ids: list[int], tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -30,13 +34,14 @@ def sample(model: torch.nn.Module, ids: list[int], tokens: int, temperature: flo
         for _ in range(tokens):
             window = torch.tensor(out[-context:], device=device)[None]  # (1, T)
             logits = model(window)[0, -1].float().cpu()  # (vocab,)
-            if temperature == 0:
+            if temperature < GREEDY_BELOW:  # logits / temperature would overflow: the limit is the argmax
                 out.append(int(logits.argmax()))
                 continue
-            if top_k is not None and top_k < logits.numel():
-                floor = logits.topk(top_k).values[-1]
-                logits = logits.masked_fill(logits < floor, float("-inf"))
-            probabilities = torch.softmax(logits / temperature, dim=-1)
+            if top_k is not None and top_k < logits.numel():  # exactly k, ties broken by topk's order
+                kept = torch.full_like(logits, float("-inf"))
+                best = logits.topk(top_k).indices
+                logits = kept.index_copy(0, best, logits[best])
+            probabilities = torch.softmax(logits.double() / temperature, dim=-1)
             out.append(int(torch.multinomial(probabilities, 1, generator=generator)))
     return out[len(ids):]
 
@@ -57,7 +62,10 @@ def generate(recipe, network, checkpoint: str | Path, prompt: str, tokens: int, 
         raise UnrollError("no such weights file (give model.safetensors, or the run folder that holds it)",
                           where=str(weights))
     a = recipe.architecture
-    tok = text.load_tokenizer(tokenizer or folder / text.TOKENIZER_FILE, a.vocab_size)
+    if tokenizer is None:  # the run's: beside its weights, or at the run's top for a checkpoint folder's
+        candidates = [folder / text.TOKENIZER_FILE, folder.parent.parent / text.TOKENIZER_FILE]
+        tokenizer = next((c for c in candidates if c.is_file()), candidates[0])
+    tok = text.load_tokenizer(tokenizer, a.vocab_size)
     ids = tok.encode(prompt).ids
     if not ids:
         raise UnrollError("the prompt is empty: give --prompt some text to continue")

@@ -126,7 +126,8 @@ class TokenFrontend:
 
 
 #: the tasks of a language model: next-token prediction under a causal mask, or BERT's masked tokens
-LANGUAGE_TASKS = ("causal_lm", "masked_lm")
+CAUSAL_LM, MASKED_LM = "causal_lm", "masked_lm"
+LANGUAGE_TASKS = (CAUSAL_LM, MASKED_LM)
 
 
 @dataclass(frozen=True)

@@ -266,7 +266,7 @@ class GroupSpec(_Strict):
 
 #: the image fields of ``architecture``, which a language model's recipe must not set
 IMAGE_FIELDS = ("image_size", "patch_size", "channels", "classes", "pool", "patch_norm", "cls_token", "positions",
-                "embedding")
+                "embedding", "norm_eps")
 TOKEN_FIELDS = ("vocab_size", "context")
 TASKS = ("classification", "masked_autoencoding", *LANGUAGE_TASKS)
 

@@ -33,12 +33,13 @@ from unroll.errors import UnrollError, located
 from unroll.files import output_folder, write_csv
 from unroll.finite import name_list, nonfinite_names
 from unroll.summary import data_constant_count
+from unroll.network import CAUSAL_LM, LANGUAGE_TASKS
 from unroll.train import state
 from unroll.train.device import pick_device, precision_context
 from unroll.train.init import initialise
 from unroll.train.loader import batch_seed, batches, default_workers, eval_loader, train_loader
 from unroll.train.optim import make_optimizer, warmup_cosine, warmup_cosine_epochs
-from unroll.train.tasks import open_task
+from unroll.train.tasks import ImageClassification, open_task
 from unroll.train.world import World, everywhere, join, next_together, together
 
 
@@ -52,11 +53,11 @@ def _baseline(recipe, name: str, where: str) -> torch.nn.Module:
 
     if name not in BASELINES:
         raise UnrollError(f"--baseline must be one of {', '.join(BASELINES)}, found {name!r}")
-    if recipe.task_kind not in ("causal_lm", "masked_lm"):
+    if recipe.task_kind not in LANGUAGE_TASKS:
         raise UnrollError(f"--baseline gpt is a language model; this recipe's task is {recipe.task_kind}", where=where)
     a = recipe.architecture
     return BaselineLM(a.vocab_size, a.context, a.width, a.depth or recipe.encoder_depth, a.heads,
-                      causal=recipe.task_kind == "causal_lm")
+                      causal=recipe.task_kind == CAUSAL_LM)
 
 
 def _effective_batch(t, world: World) -> int:
@@ -110,7 +111,11 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
         raise UnrollError("unroll train trains classifiers and language models; this recipe builds a masked "
                           "autoencoder", where=str(recipe_path))
     micro = _effective_batch(t, world)
-    task = open_task(recipe, data, seed, out, resume, tokenizer, str(recipe_path))
+    # process 0 first: a language model's tokenizer and token cache are made once, then read by the others
+    opened = together(lambda: open_task(recipe, data, seed, out, resume, tokenizer, str(recipe_path)), world, dev,
+                      only_main=True)
+    task = together(lambda: opened or open_task(recipe, data, seed, out, resume, tokenizer, str(recipe_path)), world,
+                    dev)
     steps_per_epoch = len(task.train_set) // t.batch_size
     if t.epoch_steps is not None:
         steps_per_epoch = min(steps_per_epoch, t.epoch_steps)
@@ -129,8 +134,9 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
         raise UnrollError("this recipe's layers hold constants computed from data (E, C_k, ...), not learned ones; "
                           "build it with unroll construct", where=str(recipe_path))
     started_from = initialise(model, init) if init is not None else []
+    task.check(model, dev)
     # the convolution's fast layout on a GPU
-    channels_last = dev.type == "cuda" and task.unit == "images" and a.embedding == "conv"
+    channels_last = dev.type == "cuda" and isinstance(task, ImageClassification) and a.embedding == "conv"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(t.optimizer, model.parameters(), t.lr, t.weight_decay)
@@ -141,8 +147,8 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
         factor = lambda n: warmup_cosine(n, t.warmup_epochs * steps_per_epoch, steps_per_epoch * t.epochs)  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     # a baseline run trains another model on the recipe's data: never resumed as the recipe's own
-    digest = state.recipe_digest(recipe) + ("" if baseline is None else f"+baseline-{baseline}")
-    info = {"recipe": digest, "seed": seed, "data": data or t.data, "world_size": world.size}
+    digest = state.recipe_digest(recipe) + ("" if baseline is None else f"{state.BASELINE_MARK}{baseline}")
+    info = {"recipe": digest, "seed": seed, "data": task.source, "world_size": world.size}
     rows: list[dict] = []
     start = 0
     if resume:
@@ -207,14 +213,12 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
                     with contextlib.nullcontext() if sync else net.no_sync():
                         with amp:
                             logits = step_net(x)
-                        loss = task.loss(logits, target)
+                        loss, summed, counted = task.loss(logits, target)
                         (loss / t.accumulate).backward()
-                    value = loss.item()
-                    step_loss += value
-                    hits, counted = task.hits(logits, y, target)
+                    step_loss += loss.item()
                     seen += task.count(x)
-                    loss_sum += value * counted
-                    correct += hits
+                    loss_sum += summed
+                    correct += task.hits(logits, y, target)
                     predicted += counted
                     stepped += time.perf_counter() - computing
                 # before the update: a non-finite step never reaches the weights
@@ -230,7 +234,7 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
                 if not per_epoch:
                     scheduler.step()
                 stepped += time.perf_counter() - computing
-                progress.update(bar, advance=1, status=f"loss {loss_sum / predicted:.3f}  acc {correct / predicted:.3f}  "
+                progress.update(bar, advance=1, status=f"loss {loss_sum / max(predicted, 1):.3f}  acc {correct / max(predicted, 1):.3f}  "
                                 f"{_rate(seen * world.size, time.perf_counter() - began)} {task.unit}/s (loader "
                                 f"{_rate(seen, waited)}, model {_rate(seen, stepped)})")
             lr = scheduler.get_last_lr()[0]  # per epoch: the rate this epoch trained with; per step: the next step's
@@ -242,7 +246,7 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
                 seen, predicted, loss_sum, correct = int(sums[0]), int(sums[1]), float(sums[2]), float(sums[3])
             seconds = time.perf_counter() - began
             val = task.validate(model, val_loader, dev, amp, world)
-            row = task.row(epoch + 1, seen, loss_sum / predicted, correct / predicted, val, lr, seen / seconds,
+            row = task.row(epoch + 1, seen, loss_sum / max(predicted, 1), correct / max(predicted, 1), val, lr, seen / seconds,
                            waited / seconds, seconds)
             rows.append(row)
             if bad := nonfinite_names(model.state_dict()):

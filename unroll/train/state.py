@@ -264,7 +264,16 @@ def latest(out: Path, info: dict | None = None, restore=None) -> tuple[Path, dic
                       where=str(out))
 
 
+#: what follows a recipe's digest when a run trained a baseline model on it (``--baseline NAME``)
+BASELINE_MARK = "+baseline-"
+
+
 def _same_run(record: dict, info: dict, out: Path) -> None:
+    ours, theirs = record["recipe"].partition(BASELINE_MARK), info["recipe"].partition(BASELINE_MARK)
+    if ours[0] == theirs[0] and ours[2] != theirs[2]:
+        trained = f"--baseline {ours[2]}" if ours[2] else "the recipe's own model"
+        given = f"--baseline {theirs[2]}" if theirs[2] else "the recipe's own model"
+        raise UnrollError(f"this run trained {trained}, not {given}; resume it as it was started", where=str(out))
     if record["recipe"] != info["recipe"]:
         raise UnrollError("this checkpoint was trained from another recipe: its architecture, objective, layer or "
                           "training settings differ from the ones given now", where=str(out))

@@ -24,6 +24,7 @@ from unroll.train.evaluate import evaluate
 from unroll.train.loader import Transformed, batches
 from unroll.train.transforms import batch_mixing, eval_transform, train_transform
 from unroll.train.world import World, next_together
+from unroll.network import MASKED_LM
 
 #: ``--data`` (or ``training.data``) naming the corpus every machine has: the Python standard library
 PYTHON_STDLIB = "python-stdlib"
@@ -64,11 +65,13 @@ class ImageClassification:
         with seeded(seed):
             return self.mixing(x, y)
 
-    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), target, label_smoothing=self.recipe.training.label_smoothing)
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+        """(the loss to differentiate, the summed loss, the images it sums over)."""
+        loss = F.cross_entropy(logits.float(), target, label_smoothing=self.recipe.training.label_smoothing)
+        return loss, loss.item() * len(target), len(target)
 
-    def hits(self, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
-        return int((logits.argmax(-1) == y).sum().item()), len(y)
+    def hits(self, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> int:
+        return int((logits.argmax(-1) == y).sum().item())
 
     def count(self, x: torch.Tensor) -> int:
         return len(x)
@@ -89,12 +92,48 @@ class ImageClassification:
     def save(self, out: Path) -> None:
         """Files beside the checkpoints (none for images)."""
 
+    def check(self, model: torch.nn.Module, device: torch.device) -> None:
+        """Nothing to check of an image classifier before training."""
+
+    @property
+    def source(self) -> str:
+        return self.data
+
+
+class MaskedWindows(torch.utils.data.Dataset):
+    """Token windows with BERT's masking drawn per window: window ``i`` of epoch ``e`` is masked
+    under :func:`~unroll.train.loader.sample_seed` ``(seed, e, i)`` (a validation window, keyed by
+    index alone, under ``(seed, -1, i)``), whichever process or micro-batch reads it. Items are
+    (inputs, targets): targets hold the original ids at the chosen positions, the ignore index
+    elsewhere."""
+
+    def __init__(self, windows, vocab_size: int, mask_id: int, task, seed: int):
+        self.windows, self.vocab_size, self.mask_id, self.task, self.seed = windows, vocab_size, mask_id, task, seed
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, key):
+        from unroll.train import text
+        from unroll.train.loader import sample_seed
+
+        epoch, index = key if isinstance(key, tuple) else (-1, key)
+        x, _ = self.windows[index]
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
+        t = self.task
+        return text.mask_tokens(x, self.vocab_size, self.mask_id, generator, t.rate, t.mask, t.random)
+
 
 @dataclass
 class LanguageModelling:
     """Token windows -> the next token (``causal_lm``) or the masked ones (``masked_lm``, BERT's
     15% / 80-10-10); a byte-level BPE tokenizer trained on the training text (or the run's own
-    ``tokenizer.json`` on resume, or the user's); validation loss and perplexity per token."""
+    ``tokenizer.json`` on resume, or the user's); validation loss and perplexity per token.
+
+    The loss of a micro-batch is its summed cross-entropy divided by the number of positions one
+    window predicts on average (every one for a causal model, ``rate`` of them for a masked one)
+    times the micro-batch's windows: a constant, so that micro-batches and processes add up to the
+    update of the whole batch however the masked positions fall, and a batch without one is 0."""
 
     recipe: Any
     data: str | None
@@ -110,17 +149,27 @@ class LanguageModelling:
         from unroll.train import text
 
         a = self.recipe.architecture
-        spec = None if self.data in (None, PYTHON_STDLIB) else self.data
+        self.spec = self.data or PYTHON_STDLIB
         own = self.out / text.TOKENIZER_FILE
         given = own if self.resume and own.is_file() else self.tokenizer
-        splits = text.open_tokens(spec, a.vocab_size, a.context, cache=self.cache, tokenizer=given)
+        splits = text.open_tokens(None if self.spec == PYTHON_STDLIB else self.spec, a.vocab_size, a.context,
+                                  cache=self.cache, tokenizer=given)
         self.text = text
         self.tokenizer_model = splits.tokenizer
         self.name, self.in_memory = splits.name, splits.in_memory
         self.train_set, self.val_set = splits.train, splits.val
-        self.masked = self.recipe.task_kind == "masked_lm"
-        if self.masked:
-            self.mask_id = text.token_id(splits.tokenizer, text.MASK)
+        self.masked = self.recipe.task_kind == MASKED_LM
+        self.per_window = a.context * (self.recipe.task.rate if self.masked else 1.0)
+        if self.masked:  # random replacements among the tokenizer's own tokens, not the padding rows
+            mask_id = text.token_id(splits.tokenizer, text.MASK)
+            real = text.vocab_size_of(splits.tokenizer)
+            self.train_set = MaskedWindows(splits.train, real, mask_id, self.recipe.task, self.seed)
+            self.val_set = MaskedWindows(splits.val, real, mask_id, self.recipe.task, self.seed)
+
+    @property
+    def source(self) -> str:
+        """What the run read, as its checkpoints record it (the standard library's changes with Python)."""
+        return f"{self.spec} ({self.name})" if self.spec == PYTHON_STDLIB else self.spec
 
     def describe(self) -> str:
         context = self.recipe.architecture.context
@@ -128,26 +177,28 @@ class LanguageModelling:
                 f"{context} tokens, vocabulary {self.recipe.architecture.vocab_size:,}")
 
     def prepare(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.masked:
-            return x, y  # y: x shifted by one, the next tokens
-        task = self.recipe.task
-        generator = torch.Generator(device=x.device).manual_seed(seed)
-        return self.text.mask_tokens(x, self.recipe.architecture.vocab_size, self.mask_id, generator,
-                                     task.rate, task.mask, task.random)
+        return x, y  # the next tokens, or (masked by the dataset) the inputs and their masked targets
 
-    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=self.text.IGNORE_INDEX)
+    def _summed(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=self.text.IGNORE_INDEX,
+                               reduction="sum")
 
-    def hits(self, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+        """(the loss to differentiate, the summed cross-entropy, the positions it sums over)."""
+        summed = self._summed(logits, target)
+        counted = int((target != self.text.IGNORE_INDEX).sum().item())
+        return summed / (self.per_window * len(target)), summed.item(), counted
+
+    def hits(self, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> int:
         counted = target != self.text.IGNORE_INDEX
-        return int(((logits.argmax(-1) == target) & counted).sum().item()), int(counted.sum().item())
+        return int(((logits.argmax(-1) == target) & counted).sum().item())
 
     def count(self, x: torch.Tensor) -> int:
         return x.numel()
 
     def validate(self, model, loader, device, autocast, world: World) -> dict:
-        """Mean cross-entropy per predicted token over the held-out windows (masked positions drawn
-        under fixed seeds, the same every epoch)."""
+        """Mean cross-entropy per predicted token over the held-out windows (masked ones drawn
+        per window, the same every epoch and on any number of processes)."""
         import contextlib
 
         import torch.distributed as dist
@@ -156,7 +207,6 @@ class LanguageModelling:
         model.eval()
         sums = torch.zeros(2, dtype=torch.float64)  # loss summed over tokens, tokens
         items = batches(loader)
-        number = 0
         with torch.no_grad():
             while True:
                 batch, going = next_together(items, world, device)
@@ -164,15 +214,11 @@ class LanguageModelling:
                     break
                 if batch is None:
                     continue
-                x, y = (v.to(device) for v in batch)
-                inputs, target = self.prepare(x, y, seed=(world.rank << 32) + number)
-                number += 1
+                inputs, target = (v.to(device) for v in batch)
                 with autocast or contextlib.nullcontext():
                     logits = model(inputs)
-                losses = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(),
-                                         ignore_index=self.text.IGNORE_INDEX, reduction="sum")
-                sums += torch.tensor([losses.item(), (target != self.text.IGNORE_INDEX).sum().item()],
-                                     dtype=torch.float64)
+                sums += torch.tensor([self._summed(logits, target).item(),
+                                      (target != self.text.IGNORE_INDEX).sum().item()], dtype=torch.float64)
         if world.size > 1:
             sums = sums.to(device)
             dist.all_reduce(sums)
@@ -195,6 +241,23 @@ class LanguageModelling:
         """The tokenizer beside the checkpoints: resuming, generating and evaluating read this one."""
         self.text.save_tokenizer(self.tokenizer_model, out)
 
+    def check(self, model: torch.nn.Module, device: torch.device) -> None:
+        """A causal language model must never look ahead: trained on next tokens, a model that sees
+        them would learn to copy. Checked on two sequences that differ in their last token."""
+        if self.masked:
+            return
+        a = self.recipe.architecture
+        length = min(a.context, 8)
+        ids = torch.randint(0, a.vocab_size, (1, length), generator=torch.Generator().manual_seed(0)).to(device)
+        other = ids.clone()
+        other[0, -1] = (other[0, -1] + 1) % a.vocab_size
+        with torch.no_grad():
+            leaked = not torch.allclose(model(ids)[0, :-1].float(), model(other)[0, :-1].float(), atol=1e-6)
+        if leaked:
+            raise UnrollError("task causal_lm needs a causal model, and this one looks ahead: a token's logits "
+                              "changed with a later token; make every step that mixes tokens causal (softmax: "
+                              "{causal: true}, normalized_memberships: {causal: true, ...}), or say task: masked_lm")
+
 
 def open_task(recipe, data: str | None, seed: int, out: Path, resume: bool, tokenizer: str | Path | None,
               where: str) -> ImageClassification | LanguageModelling:
@@ -203,6 +266,9 @@ def open_task(recipe, data: str | None, seed: int, out: Path, resume: bool, toke
 
     with located(where):
         if recipe.task_kind in LANGUAGE_TASKS:
+            if tokenizer is not None and resume:
+                raise UnrollError("--tokenizer starts a run with that tokenizer; --resume continues with the run's "
+                                  "own tokenizer.json: give one")
             # a language recipe that names no data reads the corpus every machine has
             named = recipe.training.data if "data" in recipe.training.model_fields_set else None
             return LanguageModelling(recipe, data or named, seed, out, resume, tokenizer)
