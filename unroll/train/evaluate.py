@@ -37,18 +37,14 @@ class Scores:
         return asdict(self)
 
 
-def evaluate(model: torch.nn.Module, loader, device: torch.device,
-             autocast: contextlib.AbstractContextManager | None = None,
-             on_batch: Callable[[int], None] | None = None, world: World | None = None) -> Scores:
-    """``model``'s scores over every batch of ``loader`` (in eval mode; training mode is restored).
-    The loss is the plain cross-entropy, whatever label smoothing training used. ``world``: the
-    processes that each evaluate their share (the sums are added over them). ``on_batch(n)``:
-    called with each batch's size (a progress bar)."""
+def summed(model: torch.nn.Module, loader, device: torch.device, figures: Callable, size: int,
+           autocast: contextlib.AbstractContextManager | None = None, world: World | None = None) -> torch.Tensor:
+    """``figures(logits, target) -> list`` of ``size`` numbers per batch, summed over every batch of
+    ``loader`` and over the processes (in eval mode, without gradients; the mode is restored)."""
     world = world or World()
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # images, loss, top-1 hits, top-5 hits
-    began = time.perf_counter()
+    sums = torch.zeros(size, dtype=torch.float64)
     items = batches(loader)
     with torch.no_grad():
         while True:
@@ -59,24 +55,36 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device,
                 break
             if batch is None:
                 continue
-            x, y = batch
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, target = (v.to(device, non_blocking=True) for v in batch)
             with autocast or contextlib.nullcontext():
                 logits = model(x)
-            logits = logits.float()
-            k = min(5, logits.shape[-1])
-            top = logits.topk(k, dim=-1).indices  # (B, k), best first
-            hits = top == y[:, None]
-            sums += torch.tensor([len(y), F.cross_entropy(logits, y, reduction="sum").item(),
-                                  hits[:, 0].sum().item(), hits.any(-1).sum().item()], dtype=torch.float64)
-            if on_batch is not None:
-                on_batch(len(y))
-    seconds = time.perf_counter() - began
+            sums += torch.tensor(figures(logits.float(), target), dtype=torch.float64)
     if world.size > 1:
         sums = sums.to(device)
         dist.all_reduce(sums)
         sums = sums.cpu()
     model.train(was_training)
+    return sums
+
+
+def evaluate(model: torch.nn.Module, loader, device: torch.device,
+             autocast: contextlib.AbstractContextManager | None = None,
+             on_batch: Callable[[int], None] | None = None, world: World | None = None) -> Scores:
+    """``model``'s scores over every batch of ``loader``. The loss is the plain cross-entropy,
+    whatever label smoothing training used. ``world``: the processes that each evaluate their
+    share. ``on_batch(n)``: called with each batch's size (a progress bar)."""
+
+    def figures(logits: torch.Tensor, y: torch.Tensor) -> list[float]:  # images, loss, top-1 hits, top-5 hits
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # (B, k), best first
+        hits = top == y[:, None]
+        if on_batch is not None:
+            on_batch(len(y))
+        return [len(y), F.cross_entropy(logits, y, reduction="sum").item(), hits[:, 0].sum().item(),
+                hits.any(-1).sum().item()]
+
+    began = time.perf_counter()
+    sums = summed(model, loader, device, figures, 4, autocast, world)
+    seconds = time.perf_counter() - began
     count = int(sums[0])
     if count == 0:
         return Scores(float("nan"), float("nan"), float("nan"), 0, 0.0)

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from unroll.errors import UnrollError, located
 from unroll.train import data as datasets
 from unroll.train import state
-from unroll.train.evaluate import evaluate
-from unroll.train.loader import Transformed, batches
+from unroll.train.evaluate import evaluate, summed
+from unroll.train.loader import Transformed
 from unroll.train.transforms import batch_mixing, eval_transform, train_transform
-from unroll.train.world import World, next_together
+from unroll.train.world import World
 from unroll.network import MASKED_LM
 
 #: ``--data`` (or ``training.data``) naming the corpus every machine has: the Python standard library
@@ -199,32 +199,11 @@ class LanguageModelling:
     def validate(self, model, loader, device, autocast, world: World) -> dict:
         """Mean cross-entropy per predicted token over the held-out windows (masked ones drawn
         per window, the same every epoch and on any number of processes)."""
-        import contextlib
+        def figures(logits: torch.Tensor, target: torch.Tensor) -> list[float]:  # loss summed, tokens
+            return [self._summed(logits, target).item(), (target != self.text.IGNORE_INDEX).sum().item()]
 
-        import torch.distributed as dist
-
-        was_training = model.training
-        model.eval()
-        sums = torch.zeros(2, dtype=torch.float64)  # loss summed over tokens, tokens
-        items = batches(loader)
-        with torch.no_grad():
-            while True:
-                batch, going = next_together(items, world, device)
-                if not going:
-                    break
-                if batch is None:
-                    continue
-                inputs, target = (v.to(device) for v in batch)
-                with autocast or contextlib.nullcontext():
-                    logits = model(inputs)
-                sums += torch.tensor([self._summed(logits, target).item(),
-                                      (target != self.text.IGNORE_INDEX).sum().item()], dtype=torch.float64)
-        if world.size > 1:
-            sums = sums.to(device)
-            dist.all_reduce(sums)
-            sums = sums.cpu()
-        model.train(was_training)
-        loss = sums[0].item() / max(sums[1].item(), 1)
+        total, tokens = summed(model, loader, device, figures, 2, autocast, world).tolist()
+        loss = total / max(tokens, 1)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
 
     def row(self, epoch: int, units: int, train_loss: float, hits: float, val: dict, lr: float, rate: float,
