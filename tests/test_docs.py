@@ -24,6 +24,7 @@ def test_python_blocks_run(doc, tmp_path, monkeypatch):
     for name in ("recipes", "docs"):
         (tmp_path / name).symlink_to(ROOT / name)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("UNROLL_CACHE", str(tmp_path / "token-cache"))  # a language model's tokens: not in ~/.cache
     namespace: dict = {}
     code = blocks(doc, "python")
     assert code or doc.name == "README.md", f"{doc.name} has no python blocks"
