@@ -274,7 +274,7 @@ def test_crate_gpt_tiny_on_the_standard_library_beats_the_unigram_entropy(tmp_pa
     from unroll.train.loop import train
 
     monkeypatch.setenv("UNROLL_CACHE", str(tmp_path / "cache"))
-    rows = train(TINY, tmp_path / "run", overrides=["training.epochs=4"], console=quiet)
+    rows = train(TINY, tmp_path / "run", overrides=["training.epochs=6"], console=quiet)
     tokenizer = text.load_tokenizer(tmp_path / "run")
     held_out = text.cached_ids(text.open_text(None).val, tokenizer)
     entropy = text.unigram_entropy(np.asarray(held_out), 512)
