@@ -53,14 +53,10 @@ def generate(recipe, network, checkpoint: str | Path, prompt: str, tokens: int, 
     from unroll.api import build
     from unroll.train import text
     from unroll.train.device import pick_device
-    from unroll.train.state import WEIGHTS
+    from unroll.train.state import weights_in
 
-    checkpoint = Path(checkpoint)
-    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    weights = checkpoint / WEIGHTS if checkpoint.is_dir() else checkpoint
-    if not weights.is_file():
-        raise UnrollError("no such weights file (give model.safetensors, or the run folder that holds it)",
-                          where=str(weights))
+    weights = weights_in(checkpoint)
+    folder = weights.parent
     a = recipe.architecture
     if tokenizer is None:  # the run's: beside its weights, or at the run's top for a checkpoint folder's
         candidates = [folder / text.TOKENIZER_FILE, folder.parent.parent / text.TOKENIZER_FILE]

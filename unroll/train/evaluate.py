@@ -103,15 +103,10 @@ def evaluate_recipe(recipe, network, checkpoint: str | Path, data: str | None = 
     from unroll.api import build
     from unroll.train import data as datasets
     from unroll.train.loader import Transformed, default_workers, eval_loader
-    from unroll.train.state import WEIGHTS
+    from unroll.train.state import weights_in
     from unroll.train.transforms import eval_transform
 
-    checkpoint = Path(checkpoint)
-    if checkpoint.is_dir():
-        checkpoint = checkpoint / WEIGHTS
-    if not checkpoint.is_file():
-        raise UnrollError("no such weights file (give model.safetensors, or the run folder that holds it)",
-                          where=str(checkpoint))
+    checkpoint = weights_in(checkpoint)
     a, t = recipe.architecture, recipe.training
     dev = pick_device(device)
     _, autocast = precision_context(precision, dev)

@@ -44,7 +44,7 @@ from unroll.errors import UnrollError, shorten
 from unroll.finite import name_list, nonfinite_names
 from unroll.lower import frontend as lowered
 from unroll.lower.model import FRONTEND, HEAD
-from unroll.train.state import WEIGHTS
+from unroll.train.state import weights_in
 
 #: the positional embedding (a parameter when learned, a buffer when sin-cos)
 POSITIONS = f"{FRONTEND}.{lowered.POSITIONS}"
@@ -61,7 +61,7 @@ def initialise(model: torch.nn.Module, path: str | Path) -> list[str]:
     ``model.safetensors``) into ``model`` in place, by the rules of this module; returns a note
     for everything that was not a plain copy. Raises :class:`UnrollError`, leaving the model
     untouched, where the checkpoint does not fit."""
-    file = weights_file(Path(path))
+    file = weights_in(path)
     where = str(file)
     found = read_tensors(file)
     check_finite(found, where)  # even in tensors left unused: NaN anywhere means a diverged run
@@ -116,17 +116,6 @@ def initialise(model: torch.nn.Module, path: str | Path) -> list[str]:
         for name, tensor in state.items():
             target[name].copy_(tensor)
     return notes
-
-
-def weights_file(path: Path) -> Path:
-    """``path`` itself, or a run folder's ``model.safetensors``."""
-    if not path.is_dir():
-        return path  # read_tensors says if it is missing
-    file = path / WEIGHTS
-    if not file.is_file():
-        raise UnrollError(f"a folder without {WEIGHTS} (expected a weights file or the output folder of "
-                          "unroll train)", where=str(path))
-    return file
 
 
 def _classifier_change(target: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> tuple[set[str], str] | None:

@@ -61,7 +61,7 @@ def _baseline(recipe, name: str, where: str) -> torch.nn.Module:
 
 
 def _effective_batch(t, world: World) -> int:
-    """Images per micro-batch of one process; the global batch must split evenly."""
+    """Items (images or windows) per micro-batch of one process; the global batch must split evenly."""
     parts = world.size * t.accumulate
     if t.batch_size % parts:
         raise UnrollError(f"batch_size ({t.batch_size}) must be divisible by the number of processes ({world.size}) "
@@ -222,8 +222,8 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
                     predicted += counted
                     stepped += time.perf_counter() - computing
                 # before the update: a non-finite step never reaches the weights
-                if not math.isfinite(summed := everywhere(step_loss, world, dev)):  # every later step would be NaN too
-                    raise UnrollError(f"the loss became {'NaN' if math.isnan(summed) else 'infinite'} at epoch "
+                if not math.isfinite(total := everywhere(step_loss, world, dev)):  # every later step would be NaN too
+                    raise UnrollError(f"the loss became {'NaN' if math.isnan(total) else 'infinite'} at epoch "
                                       f"{epoch + 1} step {step + 1}; lower training.lr (now {t.lr:g}); the "
                                       "checkpoints of earlier epochs are kept",
                                       where=str(recipe_path))

@@ -55,6 +55,22 @@ LANGUAGE_METRICS = ["epoch", "train_loss", "val_loss", "val_ppl", "tokens", "lr"
 _BROKEN = (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError)
 
 
+def weights_in(path: str | Path) -> Path:
+    """The weights a user names: a weights file, or a run folder's ``model.safetensors`` (what
+    ``--init``, ``unroll eval`` and ``unroll generate`` accept)."""
+    path = Path(path)
+    if path.is_dir():
+        file = path / WEIGHTS
+        if not file.is_file():
+            raise UnrollError(f"a folder without {WEIGHTS} (expected a weights file or the output folder of "
+                              "unroll train)", where=str(path))
+        return file
+    if not path.is_file():
+        raise UnrollError("no such weights file (give model.safetensors, or the run folder that holds it)",
+                          where=str(path))
+    return path
+
+
 def checkpoint_name(epoch: int) -> str:
     return f"epoch-{epoch:04d}"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from unroll.errors import UnrollError, located
 from unroll.train import data as datasets
 from unroll.train import state
 from unroll.train.evaluate import evaluate, summed
-from unroll.train.loader import Transformed
+from unroll.train.loader import Transformed, seeded
 from unroll.train.transforms import batch_mixing, eval_transform, train_transform
 from unroll.train.world import World
 from unroll.network import MASKED_LM
@@ -60,8 +60,6 @@ class ImageClassification:
         """(input, target) of a micro-batch; MixUp/CutMix under ``seed`` make soft targets."""
         if self.mixing is None:
             return x, y
-        from unroll.train.loader import seeded
-
         with seeded(seed):
             return self.mixing(x, y)
 
