@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from unroll.errors import UnrollError
 from unroll.train.device import pick_device, precision_context
 from unroll.train.loader import batches
 from unroll.train.world import World, next_together
@@ -101,23 +100,18 @@ def evaluate_recipe(recipe, network, checkpoint: str | Path, data: str | None = 
     a run folder (its ``model.safetensors``). ``on_progress(done, total)`` after each batch.
     """
     from unroll.api import build
-    from unroll.train import data as datasets
-    from unroll.train.loader import Transformed, default_workers, eval_loader
+    from unroll.train.loader import default_workers, eval_loader
     from unroll.train.state import weights_in
-    from unroll.train.transforms import eval_transform
+    from unroll.train.tasks import ImageClassification
 
     checkpoint = weights_in(checkpoint)
-    a, t = recipe.architecture, recipe.training
     dev = pick_device(device)
     _, autocast = precision_context(precision, dev)
-    source = datasets.open_data(data or t.data, a.image_size, a.channels)
-    if len(source.classes) != a.classes:
-        raise UnrollError(f"the data has {len(source.classes)} classes, the recipe's architecture.classes is {a.classes}")
+    task = ImageClassification(recipe, data or recipe.training.data, seed=0)  # its validation split, as training reads it
     model = build(network, checkpoint=checkpoint).to(dev)
-    workers = default_workers(source.in_memory) if workers is None else workers
-    loader = eval_loader(Transformed(source.val, eval_transform(t, a.image_size, a.channels)), batch, 0, 1, workers,
-                         dev.type == "cuda")
-    total, done = len(source.val), 0
+    workers = default_workers(task.in_memory) if workers is None else workers
+    loader = eval_loader(task.val_set, batch, 0, 1, workers, dev.type == "cuda")
+    total, done = len(task.val_set), 0
 
     def advance(n: int) -> None:
         nonlocal done
@@ -125,4 +119,4 @@ def evaluate_recipe(recipe, network, checkpoint: str | Path, data: str | None = 
         if on_progress is not None:
             on_progress(done, total)
 
-    return evaluate(model, loader, dev, autocast=autocast, on_batch=advance), source.name
+    return evaluate(model, loader, dev, autocast=autocast, on_batch=advance), task.name
