@@ -349,3 +349,14 @@ def test_a_tokenizer_with_resume_is_refused(tmp_path, capsys):
 
     rc = main(["train", str(TINY), "--tokenizer", str(tmp_path / "t.json"), "--resume", "--out", str(tmp_path)])
     assert rc == 2 and "--tokenizer starts a run with that tokenizer" in capsys.readouterr().err
+
+
+def test_a_bad_baseline_is_refused_before_any_data_is_read(tmp_path, capsys):
+    from unroll.cli import main
+
+    missing = str(tmp_path / "no-such-corpus")
+    assert main(["train", str(TINY), "--baseline", "bert", "--data", missing, "--out", str(tmp_path / "a")]) == 2
+    assert "--baseline must be one of gpt, found 'bert'" in capsys.readouterr().err
+    digits = ROOT / "recipes/crate_digits.yaml"
+    assert main(["train", str(digits), "--baseline", "gpt", "--data", missing, "--out", str(tmp_path / "b")]) == 2
+    assert "--baseline gpt is a language model; this recipe's task is classification" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from unroll.errors import UnrollError, excerpt, located, note
 from unroll.files import output_folder
+from unroll.network import LANGUAGE_TASKS
 
 #: plain help and usage text: rich markup would swallow the `[default: ...]` brackets
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
@@ -77,7 +78,7 @@ def _within_budget(recipe: Path, overrides: list[str], max_memory: float, batch:
     from unroll.recipe import load_recipe, to_network
 
     resolved = load_recipe(recipe, overrides)
-    if images is not None and resolved.task_kind not in ("classification", "masked_autoencoding"):
+    if images is not None and resolved.task_kind in LANGUAGE_TASKS:
         raise UnrollError(f"unroll {images} reads images; this recipe is a language model (task {resolved.task_kind})",
                           where=str(recipe))
     with located(str(recipe)):
@@ -142,7 +143,7 @@ def _next_steps(recipe: Path, resolved) -> str:
     if resolved.decoder is not None:  # unroll train trains classifiers
         return f"the weights are freshly initialised (random); {load} (unroll convert reads the reference checkpoints)"
     a = resolved.architecture
-    if resolved.task_kind != "classification":  # a language model: its own corpus by default
+    if resolved.task_kind in LANGUAGE_TASKS:  # its own corpus by default
         return (f"the weights are freshly initialised (random); next: unroll train {recipe} --out runs/{resolved.name} "
                 f"(on Python's standard library, or --data TEXT_DIR), or {load} (unroll convert reads crate-lm's checkpoints)")
     data = "" if (a.channels, a.image_size) == (1, 8) else " --data IMAGEFOLDER"
@@ -265,15 +266,6 @@ def train(
     from unroll.train.loop import train as train_model
 
     resolved, _ = _within_budget(recipe, set or [], max_memory, batch=None, training=True)
-    if baseline is not None:  # before any data is read
-        from unroll.network import LANGUAGE_TASKS
-        from unroll.train.loop import BASELINES
-
-        if baseline not in BASELINES:
-            raise UnrollError(f"--baseline must be one of {', '.join(BASELINES)}, found {excerpt(baseline)}")
-        if resolved.task_kind not in LANGUAGE_TASKS:
-            raise UnrollError(f"--baseline {baseline} is a language model; this recipe's task is {resolved.task_kind}",
-                              where=str(recipe))
     folder = out or Path("runs") / resolved.name
     rows = train_model(recipe, folder, data, seed, set or [], resume, device, init=init, workers=workers,
                        compile=compile, precision=precision, tokenizer=tokenizer, baseline=baseline)

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from unroll.errors import UnrollError, located
+from unroll.errors import UnrollError, excerpt, located
 from unroll.files import output_folder, write_csv
 from unroll.finite import name_list, nonfinite_names
 from unroll.summary import data_constant_count
@@ -47,14 +47,17 @@ from unroll.train.world import World, everywhere, join, next_together, together
 BASELINES = ("gpt",)
 
 
-def _baseline(recipe, name: str, where: str) -> torch.nn.Module:
+def _check_baseline(recipe, name: str, where: str) -> None:
+    if name not in BASELINES:
+        raise UnrollError(f"--baseline must be one of {', '.join(BASELINES)}, found {excerpt(name)}")
+    if recipe.task_kind not in LANGUAGE_TASKS:
+        raise UnrollError(f"--baseline {name} is a language model; this recipe's task is {recipe.task_kind}", where=where)
+
+
+def _baseline(recipe, name: str) -> torch.nn.Module:
     """The standard model ``name`` at the recipe's width, depth, heads, vocabulary and context."""
     from unroll.train.baseline import BaselineLM
 
-    if name not in BASELINES:
-        raise UnrollError(f"--baseline must be one of {', '.join(BASELINES)}, found {name!r}")
-    if recipe.task_kind not in LANGUAGE_TASKS:
-        raise UnrollError(f"--baseline gpt is a language model; this recipe's task is {recipe.task_kind}", where=where)
     a = recipe.architecture
     return BaselineLM(a.vocab_size, a.context, a.width, a.depth or recipe.encoder_depth, a.heads,
                       causal=recipe.task_kind == CAUSAL_LM)
@@ -110,6 +113,8 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
     if recipe.decoder is not None:
         raise UnrollError("unroll train trains classifiers and language models; this recipe builds a masked "
                           "autoencoder", where=str(recipe_path))
+    if baseline is not None:  # before any data is read
+        _check_baseline(recipe, baseline, str(recipe_path))
     micro = _effective_batch(t, world)
     # process 0 first: a language model's tokenizer and token cache are made once, then read by the others
     opened = together(lambda: open_task(recipe, data, seed, out, resume, tokenizer, str(recipe_path)), world, dev,
@@ -129,7 +134,7 @@ def train(recipe_path: str | Path, out: str | Path, data: str | None = None, see
 
     torch.manual_seed(seed)
     with located(str(recipe_path)):
-        model = (build(recipe) if baseline is None else _baseline(recipe, baseline, str(recipe_path))).to(dev)
+        model = (build(recipe) if baseline is None else _baseline(recipe, baseline)).to(dev)
     if data_constant_count(model):  # zeros until fitted: training would fit a head to the identity
         raise UnrollError("this recipe's layers hold constants computed from data (E, C_k, ...), not learned ones; "
                           "build it with unroll construct", where=str(recipe_path))
