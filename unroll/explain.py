@@ -12,7 +12,8 @@ from unroll.derive.update import Update
 from unroll.errors import UnrollError
 from unroll.expr.printing import to_latex, to_text
 from unroll.expr.symbols import size_value
-from unroll.network import Network
+from unroll.lower.stream import NotStreamable, stream_update
+from unroll.network import CAUSAL_LM, LanguageHead, Network
 from unroll.objective.base import objective_text
 from unroll.plan import DerivedStep, GroupPlan, Plan, StackPlan, plan
 
@@ -52,7 +53,9 @@ def parameter_lines(u: Update, sizes: dict[str, int]) -> list[str]:
     return ["  parameters (per layer):", *lines] if lines else []
 
 
-def explain_step(index: int, d: DerivedStep, latex: bool = False, sizes: dict[str, int] | None = None) -> list[str]:
+def explain_step(index: int, d: DerivedStep, latex: bool = False, sizes: dict[str, int] | None = None,
+                 causal: bool = False) -> list[str]:
+    """``causal``: the step is a causal language model's, and says what generation caches."""
     lines = [f"step {index} · {d.exact.name} · {d.exact.title}", "  exact (derived from the objective):"]
     lines += ["    " + line for line in update_lines(d.exact, latex)]
     for relaxation, u in d.relaxed:
@@ -63,7 +66,21 @@ def explain_step(index: int, d: DerivedStep, latex: bool = False, sizes: dict[st
     lines += [f"  note: {u.describe()}" for u in d.unused]
     if sizes is not None:
         lines += parameter_lines(d.final, sizes)
+    if causal:
+        lines.append("  generation: " + cache_line(d.final))
     return lines
+
+
+def cache_line(u: Update) -> str:
+    """What a causal step keeps of the earlier tokens when a language model generates (the
+    streaming form of :mod:`unroll.lower.stream`), or why it keeps nothing and recomputes."""
+    try:
+        kept = stream_update(u.out, u.where).cached
+    except NotStreamable as e:
+        return f"no cache, every token recomputes the window ({e})"
+    if not kept:
+        return "token by token, keeps nothing of the earlier tokens"
+    return "token by token, keeps " + ", ".join(kept) + " of the earlier tokens"
 
 
 def explain_inverse(index: int, d: DerivedStep, encoder: StackPlan, group: int, latex: bool = False,
@@ -107,6 +124,7 @@ def explain(network: Network | Plan, latex: bool = False) -> str:
     net, sizes = p.network, dict(p.sizes)
     groups = p.encoder.groups
     depth = p.encoder.depth
+    causal = isinstance(net.head, LanguageHead) and net.head.task == CAUSAL_LM
     if len(groups) == 1:
         layout = (f"{depth} layer{'s' if depth != 1 else ''} "
                   f"(parameters {'tied' if groups[0].group.tie else 'untied'} across layers)")
@@ -122,7 +140,7 @@ def explain(network: Network | Plan, latex: bool = False) -> str:
         else:
             body += [_group_head(p.encoder, g, "layer"), objective, ""]
         for i, d in enumerate(group.steps, 1):
-            body += explain_step(i, d, latex, sizes) + [""]
+            body += explain_step(i, d, latex, sizes, causal) + [""]
     if p.decoder is not None:
         task = net.decoder
         body += [

@@ -6,7 +6,13 @@ temperature)`` restricted to the ``top_k`` most likely tokens (greedy at tempera
 seeded generator. The positions are learned and absolute, so the model reads at most its context:
 a prompt longer than the context is refused, and once prompt and new tokens pass it the model
 reads the last ``context`` tokens (a sliding window), which the command says before sampling.
-Every step recomputes the forward over the window: there is no cache of earlier positions yet.
+
+Within the context, each new token is read once, through the model's streaming form
+(:mod:`unroll.lower.stream`): the steps keep what they need of the earlier tokens (softmax
+attention the projected tokens, causal ToST its running sums), so a token costs O(context)
+rather than a forward over the whole window. Past the context the window slides, every position
+changes, and each token is a full forward of the window again (absolute positions admit no
+cache there). A model with a step that cannot stream is sampled the same way without a cache.
 """
 
 from __future__ import annotations
@@ -21,26 +27,47 @@ from unroll.errors import UnrollError
 GREEDY_BELOW = 1e-6
 
 
+def cache_problem(model: torch.nn.Module) -> str | None:
+    """Why ``model`` cannot read one token at a time with a cache (a step that is not causal
+    token by token, or a model without a streaming form), or None."""
+    from unroll.lower.stream import NotStreamable
+
+    if not hasattr(model, "new_cache"):
+        return f"{type(model).__name__} has no streaming form"
+    try:
+        model.new_cache()
+    except NotStreamable as e:
+        return str(e)
+    return None
+
+
 def sample(model: torch.nn.Module, ids: list[int], tokens: int, temperature: float = 1.0, top_k: int | None = None,
-           seed: int = 0) -> list[int]:
-    """``tokens`` new ids after ``ids``, drawn as the module docstring says."""
+           seed: int = 0, cache: bool = True) -> list[int]:
+    """``tokens`` new ids after ``ids``, drawn as the module docstring says; ``cache``: read each
+    token once while within the context (when the model can), else recompute every window."""
     context = model.network.frontend.context
     if temperature < 0:
         raise UnrollError(f"--temperature must be at least 0 (0: the most likely token), found {temperature:g}")
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
+    kept = model.new_cache() if cache and cache_problem(model) is None else None
+
+    def next_logits(seq: list[int]) -> torch.Tensor:  # (vocab,): the distribution of the token after seq
+        if kept is not None and len(seq) <= context:
+            unread = torch.tensor(seq[kept.offset:], device=device)[None]  # (1, n): the prompt, then one
+            return model.stream(unread, kept)[0, -1]
+        return model(torch.tensor(seq[-context:], device=device)[None])[0, -1]
+
     out = list(ids)
     with torch.no_grad():
         for _ in range(tokens):
-            window = torch.tensor(out[-context:], device=device)[None]  # (1, T)
-            logits = model(window)[0, -1].float().cpu()  # (vocab,)
+            logits = next_logits(out).float().cpu()
             if temperature < GREEDY_BELOW:  # logits / temperature would overflow: the limit is the argmax
                 out.append(int(logits.argmax()))
                 continue
             if top_k is not None and top_k < logits.numel():  # exactly k, ties broken by topk's order
-                kept = torch.full_like(logits, float("-inf"))
                 best = logits.topk(top_k).indices
-                logits = kept.index_copy(0, best, logits[best])
+                logits = torch.full_like(logits, float("-inf")).index_copy(0, best, logits[best])
             probabilities = torch.softmax(logits.double() / temperature, dim=-1)
             out.append(int(torch.multinomial(probabilities, 1, generator=generator)))
     return out[len(ids):]
@@ -71,7 +98,10 @@ def generate(recipe, network, checkpoint: str | Path, prompt: str, tokens: int, 
     notes = []
     if len(ids) + tokens > a.context:
         notes.append(f"prompt ({len(ids)} tokens) and {tokens} new tokens pass the context of {a.context}: each new "
-                     f"token is predicted from the last {a.context} tokens")
+                     f"token is predicted from the last {a.context} tokens (a sliding window: once it slides, every position "
+                     "moves and each token recomputes the window, without the cache)")
     model = build(network, checkpoint=weights).to(pick_device(device)).eval()
+    if problem := cache_problem(model):
+        notes.append(f"no cache: {problem}; every new token recomputes the whole window")
     new = sample(model, ids, tokens, temperature, top_k, seed)
     return tok.decode(new), notes

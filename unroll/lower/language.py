@@ -9,6 +9,8 @@ relaxations (``softmax: {causal: true}``, causal token statistics) the recipe na
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,11 +35,12 @@ class TokenEmbedding(nn.Module):
         for table in (self.wte, self.wpe):  # GPT-2's initialisation, which crate-lm keeps
             nn.init.normal_(table.weight, std=0.02)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        t = ids.shape[1]
+    def forward(self, ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """``offset``: the position of the first id (tokens before it are cached, when streaming)."""
+        t = offset + ids.shape[1]
         if t > self.spec.context:
             raise ValueError(f"a sequence of {t} tokens is longer than the context ({self.spec.context})")
-        return self.wte(ids) + self.wpe(torch.arange(t, device=ids.device))  # (B, T, d)
+        return self.wte(ids) + self.wpe(torch.arange(offset, t, device=ids.device))  # (B, T, d)
 
 
 class FinalNorm(nn.Module):
@@ -76,3 +79,35 @@ class WhiteBoxLanguageModel(RecipeModel):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> (B, T, vocab) logits; position t sees tokens up to t when the steps are causal."""
         return F.linear(self.head(self.encode(ids)), self.frontend.wte.weight)
+
+    def stream(self, ids: torch.Tensor, cache: TokenCache) -> torch.Tensor:
+        """(B, n) ids that follow the ``cache.offset`` tokens already read -> their logits
+        (B, n, vocab), equal to the last n positions of ``forward`` on all of them; ``cache``
+        (from :meth:`new_cache`) keeps what each step needs of the earlier tokens and moves on
+        by n. Raises :class:`~unroll.lower.stream.NotStreamable` for a step that reads later tokens."""
+        x = self.frontend(ids, cache.offset)  # (B, n, d)
+        x = self.encoder.stream(x, cache.layers, cache.offset)
+        cache.offset += ids.shape[1]
+        return F.linear(self.head(x), self.frontend.wte.weight)
+
+    def new_cache(self) -> TokenCache:
+        """An empty cache for :meth:`stream`, after checking every step streams (else
+        :class:`~unroll.lower.stream.NotStreamable`, naming the step)."""
+        for layer in self.encoder.layers:
+            for step in layer.steps.values():
+                step.stream_program()
+        return TokenCache(0, [{} for _ in range(self.encoder.depth)])
+
+
+@dataclass
+class TokenCache:
+    """What a language model keeps of the tokens it has read, for :meth:`WhiteBoxLanguageModel.stream`:
+    their count, and per unrolled layer, per step, the cached values by name (``past(W_k)``: the
+    projected earlier tokens of softmax attention; ``cumsum(...)``: running sums of causal ToST)."""
+
+    offset: int
+    layers: list[dict]
+
+    def values(self) -> int:
+        """Numbers held (the cache's size in elements)."""
+        return sum(t.numel() for layer in self.layers for step in layer.values() for t in step.values())

@@ -46,6 +46,13 @@ class LayerStack(nn.Module):
             tokens = self.layers[module].run(tokens)
         return tokens
 
+    def stream(self, tokens: torch.Tensor, states: list[dict], offset: int) -> torch.Tensor:
+        """(B, n, d) new tokens at positions ``offset ..`` -> their outputs; ``states``: one
+        dict per unrolled layer (a tied module's repeats each keep their own earlier tokens)."""
+        for module, state in zip(self.schedule, states, strict=True):
+            tokens = self.layers[module].stream(tokens, state, offset)
+        return tokens
+
 
 class Layer(nn.Module):
     """One unrolled iteration: the steps of the layer in order."""
@@ -62,6 +69,13 @@ class Layer(nn.Module):
         """(B, N, d) -> (B, N, d): each step in the layout it was lowered for."""
         for step in self.steps.values():
             tokens = step.run(tokens)
+        return tokens
+
+    def stream(self, tokens: torch.Tensor, state: dict, offset: int) -> torch.Tensor:
+        """(B, n, d) -> (B, n, d): the new tokens through each step's streaming form
+        (:mod:`unroll.lower.stream`); ``state`` holds each step's cache by name."""
+        for name, step in self.steps.items():
+            tokens = step.stream(tokens, state.setdefault(name, {}), offset)
         return tokens
 
     def forward(self, Z: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from unroll.expr.printing import to_text
 from unroll.expr.symbols import N, Z as Z_SYMBOL
 from unroll.lower.interpret import CACHE, RAW, SIZES, Lowering, size_value
 from unroll.lower.optimize import OptimizedLowering, optimize_expr, weights_of
+from unroll.lower.stream import FRESH, OFFSET, STATE, NotStreamable, StreamProgram, stream_update
 from unroll.objective.base import ParamSpec
 
 
@@ -44,7 +45,8 @@ def attribute_problem(name: str) -> str | None:
 _MODULE_ATTRIBUTES = frozenset(vars(nn.Module()))
 #: what a lowered step stores besides its parameters and constants
 STEP_ATTRIBUTES = frozenset({"update_name", "title", "update_text", "sizes", "specs", "constant_names",
-                             "smooth_grads", "bindings", "optimized", "rows", "program", "result", "factor_cache"})
+                             "smooth_grads", "bindings", "optimized", "rows", "program", "result", "factor_cache",
+                             "formula", "streaming"})
 
 
 class LoweredStep(nn.Module):
@@ -87,6 +89,10 @@ class LoweredStep(nn.Module):
         grads = {t.name: t.row_grad() for t in update.smooth_terms}
         self.smooth_grads = grads
         self.bindings = tuple(update.where)
+        #: the update as derived and relaxed (what ``explain`` prints), before any optimisation
+        self.formula = update.out
+        #: the streaming form (:mod:`unroll.lower.stream`), made on first use: only generation needs it
+        self.streaming: StreamProgram | NotStreamable | None = None
         bound = {s.name: e for s, e in update.where}
         out = update.out
         self.optimized = optimize
@@ -169,6 +175,26 @@ class LoweredStep(nn.Module):
     def run(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, N, d) -> (B, N, d), tokens as rows whatever layout the step was lowered for."""
         return self(tokens) if self.rows else self(tokens.mT).mT
+
+    def stream_program(self) -> StreamProgram:
+        """This step's streaming form, or :class:`NotStreamable` saying why it has none."""
+        if self.streaming is None:
+            try:
+                self.streaming = stream_update(self.formula, self.bindings, self.smooth_grads)
+            except NotStreamable as e:
+                self.streaming = e
+        if isinstance(self.streaming, NotStreamable):
+            raise NotStreamable(f"step {self.update_name}: {self.streaming}")
+        return self.streaming
+
+    def stream(self, tokens: torch.Tensor, state: dict, offset: int) -> torch.Tensor:
+        """(B, n, d) new tokens at positions ``offset ..`` -> their outputs (B, n, d), tokens as
+        rows; ``state`` holds what the step keeps of the earlier tokens (empty at position 0)
+        and is updated. The outputs equal the last n of ``run`` on every token so far."""
+        program = self.stream_program()
+        env = self._env(tokens.mT, rows=False)
+        env.update({STATE: state, FRESH: {}, OFFSET: offset})
+        return program(env).squeeze(1).mT
 
     def forward(self, Z: torch.Tensor) -> torch.Tensor:
         """``Z``: (B, d, N), tokens as columns; (B, N, d) for an optimised step (``rows``)."""
