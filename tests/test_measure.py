@@ -119,3 +119,48 @@ def test_measure_uses_a_learned_threshold():
     # λ ‖z‖₁ per sample, with the learned λ = 0.3 (not the recipe's 0.1): d = 32, N = 17 tokens
     assert after["sparsify: l1"] == pytest.approx(0.3 * after["l1"] * 32 * 17, rel=1e-6)
     assert after["sparsify: l1"] != before
+
+
+def test_measure_reads_held_out_text_through_a_language_model(tmp_path, monkeypatch, capsys):
+    """Windows of held-out text, tokenized by the run's tokenizer; the sparse step of CRATE's
+    language model decodes its code (D X), so its zeros and l1 are the code's, recomputed by hand."""
+    import csv
+
+    from test_features import held_out, ista_codes, plain_model
+    from test_language_model import FAST, TINY, corpus
+
+    monkeypatch.setenv("UNROLL_CACHE", str(tmp_path / "cache"))
+    data = corpus(tmp_path / "text")
+    train(TINY, tmp_path / "run", data=str(data), overrides=FAST, console=QUIET)
+    sets = [a for s in FAST for a in ("--set", s)]
+    # more windows than the held-out text has: all of them are read
+    assert main(["measure", str(TINY), "--checkpoint", str(tmp_path / "run"), "--data", str(data), "--samples", "1000",
+                 "--out", str(tmp_path / "m"), *sets]) == 0
+    ids = held_out(tmp_path)
+    title = " ".join(capsys.readouterr().out.split())
+    assert f"({len(ids)} held-out windows of 16 tokens of text, {ids.numel():,} tokens)" in title
+    rows = list(csv.DictReader((tmp_path / "m/measure.csv").open()))
+    assert [r["layer"] for r in rows] == ["1", "2"]
+    model = plain_model(tmp_path)
+    for layer, row in enumerate(rows, 1):
+        code = ista_codes(model, ids, layer)  # (windows, T, m)
+        assert 0.05 < (code == 0).double().mean().item() < 0.99
+        assert float(row["sparsify: code zeros"]) == pytest.approx((code == 0).double().mean().item(), abs=1e-3)
+        # λ ‖x‖₁ per window, λ = 0.1
+        assert float(row["sparsify: l1"]) == pytest.approx(0.1 * code.abs().sum((1, 2)).mean().item(), rel=1e-4)
+        assert float(row["zeros"]) == 0  # the decoded tokens are dense
+    assert (tmp_path / "m/measure.png").stat().st_size > 1000
+
+
+def test_measure_of_a_language_model_without_weights_tokenizes_as_training_would(tmp_path, monkeypatch, capsys):
+    from test_language_model import FAST, TINY, corpus
+
+    monkeypatch.setenv("UNROLL_CACHE", str(tmp_path / "cache"))
+    data = corpus(tmp_path / "text")
+    sets = [a for s in FAST for a in ("--set", s)]
+    assert main(["measure", str(TINY), "--data", str(data), "--samples", "3", "--out", str(tmp_path / "m"), *sets]) == 0
+    assert "(3 held-out windows of 16 tokens" in " ".join(capsys.readouterr().out.split())
+    assert main(["measure", str(TINY), "--data", str(data), "--checkpoint", str(tmp_path / "none"), *sets]) == 2
+    assert "no such weights file" in capsys.readouterr().err
+    assert main(["measure", str(DIGITS), "--tokenizer", str(tmp_path / "t.json"), "--out", str(tmp_path / "d")]) == 2
+    assert "--tokenizer is for language models" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""``unroll build | explain | convert | bench | train | eval | generate | construct | measure | attention``: the command line.
+"""``unroll build | explain | convert | bench | train | eval | generate | construct | measure | features | attention``: the command line.
 
 It behaves like a Unix tool: a usage mistake prints the usage and exits 2, a mistake in the input
 (a recipe, a checkpoint, an image, an output folder) prints ``error: <where>: <what>`` and exits 2,
@@ -390,30 +390,64 @@ def _built(recipe: Path, checkpoint: Optional[Path], overrides: list[str], max_m
         return resolved, build(network, checkpoint=checkpoint).eval()
 
 
+TextDataOpt = Annotated[Optional[str], typer.Option("--data", help="a folder of text files, or one text file",
+                                                     show_default="the recipe's training.data, else Python's standard library")]
+TokenizerOpt = Annotated[Optional[Path], typer.Option(help="the tokenizer.json the weights were trained with",
+                                                      show_default="the run folder's")]
+
+
+def _held_out_text(resolved, checkpoint: Optional[Path], tokenizer: Optional[Path], data: Optional[str], windows: int):
+    """(the weights file or None, the held-out windows of a language recipe's text, tokenized as
+    the run was: its tokenizer.json beside the weights, or --tokenizer; none of either: the cached
+    BPE of the corpus, as unroll train makes it)."""
+    from unroll.train import text
+    from unroll.train.state import weights_in
+    from unroll.train.tasks import text_spec
+
+    a = resolved.architecture
+    weights = weights_in(checkpoint) if checkpoint is not None else None
+    tok = text.run_tokenizer(weights, tokenizer, a.vocab_size)
+    return weights, text.held_out_windows(text_spec(resolved, data), a.vocab_size, a.context, windows, tok)
+
+
 @app.command()
 def measure(
     recipe: RecipeArg,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="model.safetensors (e.g. from unroll train)", show_default="fresh random weights")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="model.safetensors (e.g. from unroll train; a language "
+                                                       "model's run folder)", show_default="fresh random weights")] = None,
     data: DataOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="folder for measure.csv and measure.png", show_default="runs/<recipe name>/measure")] = None,
-    samples: Annotated[int, typer.Option(help="held-out images to measure on", min=1, max=100_000)] = 256,
+    samples: Annotated[int, typer.Option(help="held-out images (a language model: windows of context tokens) to "
+                                              "measure on", min=1, max=100_000)] = 256,
+    tokenizer: TokenizerOpt = None,
     max_memory: MaxMemory = 16.0,
     set: SetOpt = None,
 ) -> None:
     """Per layer, the objective each layer was derived from: R^c, sparsity, R, sparse rate reduction."""
+    from unroll.api import build
     from unroll.measure import columns, measure as measure_layers, write
     from unroll.train import data as datasets
     from unroll.train.transforms import eval_transform
 
-    resolved, model = _built(recipe, checkpoint, set or [], max_memory, batch=samples, measuring=True,
-                             command="measure")  # one forward of all
+    # one forward of all
+    resolved, network = _within_budget(recipe, set or [], max_memory, samples, measuring=True)
     folder = output_folder(out or Path("runs") / resolved.name / "measure")
     a = resolved.architecture
     with located(str(recipe)):
-        held_out = datasets.open_data(data or resolved.training.data, a.image_size, a.channels).val
-        images, _ = datasets.stack(held_out, samples, eval_transform(resolved.training, a.image_size, a.channels))
-    rows = measure_layers(model, images)
-    table = Table(title=f"{resolved.name}: the objective, layer by layer ({len(images)} held-out images)")
+        if resolved.task_kind in LANGUAGE_TASKS:
+            checkpoint, held = _held_out_text(resolved, checkpoint, tokenizer, data, samples)
+            inputs = held.ids
+            read = (f"{len(inputs):,} held-out windows of {a.context} tokens of {held.name}, "
+                    f"{inputs.numel():,} tokens")
+        else:
+            if tokenizer is not None:
+                raise UnrollError("--tokenizer is for language models; this recipe reads images")
+            held_out = datasets.open_data(data or resolved.training.data, a.image_size, a.channels).val
+            inputs, _ = datasets.stack(held_out, samples, eval_transform(resolved.training, a.image_size, a.channels))
+            read = f"{len(inputs)} held-out images"
+        model = build(network, checkpoint=checkpoint).eval()
+    rows = measure_layers(model, inputs)
+    table = Table(title=f"{resolved.name}: the objective, layer by layer ({read})")
     fields = columns(rows)
     for key in fields:
         table.add_column(key, justify="right")
@@ -423,6 +457,55 @@ def measure(
     console.print(table)
     csv_path, png_path = write(rows, folder, resolved.name)
     print(f"wrote {csv_path} and {png_path}")
+
+
+@app.command()
+def features(
+    recipe: RecipeArg,
+    checkpoint: Annotated[Path, typer.Option(help="a run folder of unroll train (its weights and tokenizer.json), "
+                                             "or a weights file", show_default=False)],
+    out: Annotated[Path, typer.Option(help="folder for features.md and features.html", show_default=False)],
+    data: TextDataOpt = None,
+    tokenizer: TokenizerOpt = None,
+    layer: Annotated[Optional[int], typer.Option(help="layer to read, counted from 1",
+                                                 show_default="the last with a sparse-coding step")] = None,
+    top: Annotated[int, typer.Option(help="contexts listed per coordinate", min=1, max=1000)] = 5,
+    tokens: Annotated[int, typer.Option(help="held-out tokens to read at most", min=1, max=1 << 30)] = 65_536,
+    device: DeviceOpt = None,
+    max_memory: MaxMemory = 16.0,
+    set: SetOpt = None,
+) -> None:
+    """For each coordinate of a layer's sparse code, the held-out text that activates it most (features.md, .html)."""
+    from unroll import features as sparse
+    from unroll.api import build
+    from unroll.plan import plan
+    from unroll.train.device import pick_device
+
+    resolved = _language(recipe, set or [], "features")
+    a = resolved.architecture
+    per_batch = max(1, sparse.BATCH_TOKENS // a.context)
+    resolved, network = _within_budget(recipe, set or [], max_memory, per_batch)
+    folder = output_folder(out)  # a bad --out fails before the work
+    with located(str(recipe)):
+        sparse.sparse_layer(plan(network), layer)  # a wrong --layer fails before the text is read
+        weights, held = _held_out_text(resolved, checkpoint, tokenizer, data, max(1, tokens // a.context))
+        model = build(network, checkpoint=weights).to(pick_device(device)).eval()
+        found = sparse.collect(model, held.ids, layer, top)
+    header = sparse.Header(resolved.name, str(checkpoint), held.name)
+    written = sparse.write(found, held.tokenizer, header, folder)
+    print(f"layer {found.layer} ({found.step}): {len(found.live):,} of {found.values.shape[0]:,} coordinates fire on "
+          f"{found.tokens:,} held-out tokens, {len(found.dead):,} never do; wrote {written[0]} and {written[1]}")
+
+
+def _language(recipe: Path, overrides: list[str], command: str):
+    """The resolved recipe of a command that reads text; refused for any other task."""
+    from unroll.recipe import load_recipe
+
+    resolved = load_recipe(recipe, overrides)
+    if resolved.task_kind not in LANGUAGE_TASKS:
+        raise UnrollError(f"unroll {command} reads text through a language model; this recipe's task is "
+                          f"{resolved.task_kind}", where=str(recipe))
+    return resolved
 
 
 @app.command()

@@ -83,12 +83,8 @@ def generate(recipe, network, checkpoint: str | Path, prompt: str, tokens: int, 
     from unroll.train.state import weights_in
 
     weights = weights_in(checkpoint)
-    folder = weights.parent
     a = recipe.architecture
-    if tokenizer is None:  # the run's: beside its weights, or at the run's top for a checkpoint folder's
-        candidates = [folder / text.TOKENIZER_FILE, folder.parent.parent / text.TOKENIZER_FILE]
-        tokenizer = next((c for c in candidates if c.is_file()), candidates[0])
-    tok = text.load_tokenizer(tokenizer, a.vocab_size)
+    tok = text.run_tokenizer(weights, tokenizer, a.vocab_size)
     ids = tok.encode(prompt).ids
     if not ids:
         raise UnrollError("the prompt is empty: give --prompt some text to continue")

@@ -5,9 +5,15 @@ step's output, with that layer's own parameters: R^c(Z|U) after a compression st
 and the fraction of exact zeros after a sparse-coding step, a user's custom term after the step
 that descends it. For every layer output the coding rate R(Z) and the sparse rate reduction
 
-.. math::  R(Z) - R^c(Z \mid U) - \lambda \|Z\|_1 / N
+.. math::  R(Z) - R^c(Z \mid U) - \lambda \|X\|_1 / N
 
-are reported too (the quantity CRATE's layers ascend). Values are means over the samples.
+are reported too (the quantity CRATE's layers ascend; X is the sparse code, the layer output Z
+itself in vision CRATE). Values are means over the samples: images, or windows of text.
+
+A sparse-coding step that outputs its code decoded, ``D X`` (CRATE's language models), is
+measured on its code X (:func:`unroll.features.code_expression`, evaluated on the step's input):
+its terms, and ``<step>: code zeros`` and ``<step>: code l1`` (the fraction of exact zeros and
+the mean |x|), since the decoded tokens are dense whatever the code.
 
 Measurement is a view: forward hooks are attached for the measuring forward and removed
 after it, so a model that is not being measured runs exactly as built.
@@ -21,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from unroll.errors import UnrollError
+from unroll.features import code_expression, decodes, is_sparse_step
 from unroll.files import bytes_writer, csv_text, png_bytes, text_writer, write_files
 from unroll.finite import name_list, nonfinite_names
 from unroll.expr.nodes import LayerNorm
@@ -60,8 +67,9 @@ def _term_value(term: Term, step, update, inputs: torch.Tensor, output: torch.Te
     return term.value(output, values)
 
 
-def measure(model: torch.nn.Module, images: torch.Tensor, eps: float | None = None) -> list[dict[str, float]]:
-    """One row per encoder layer (numbered from 1 across groups): ``layer``, then
+def measure(model: torch.nn.Module, inputs: torch.Tensor, eps: float | None = None) -> list[dict[str, float]]:
+    """On ``inputs`` (images, or token ids (B, T) for a language model), one row per encoder layer
+    (numbered from 1 across groups): ``layer``, then
     ``<step>: <term>`` values, ``zeros`` (fraction of exact zeros in the layer output), ``l1``
     (mean |z|), ``R`` and, for a layer with a compression term, ``sparse rate reduction``."""
     bad = nonfinite_names({**dict(model.named_parameters()), **dict(model.named_buffers())})
@@ -70,14 +78,14 @@ def measure(model: torch.nn.Module, images: torch.Tensor, eps: float | None = No
                           "nothing can be measured")
     calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def record(module, args, output):
-        calls.append((_columns(args[0], module.rows), _columns(output, module.rows)))
+    def record(module, args, output):  # the input as it came (a decoded step's code is evaluated on it)
+        calls.append((args[0].mT if module.rows else args[0], _columns(output, module.rows)))
 
     # steps run in layer order, and in step order within a layer (a tied module runs repeatedly)
     hooks = [step.register_forward_hook(record) for layer in model.encoder.layers for step in layer.steps.values()]
     try:
         with torch.no_grad():
-            model(images)
+            model(inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -92,9 +100,17 @@ def measure(model: torch.nn.Module, images: torch.Tensor, eps: float | None = No
 def _row(model, layer: LayerPlan, outputs: list[tuple[torch.Tensor, torch.Tensor]], eps: float | None) -> dict[str, float]:
     row: dict[str, float] = {"layer": layer.number}
     rc, lam, compression_eps = None, 0.0, 0.5
+    last = outputs[-1][1]
+    sparse = last  # what the l1 penalty of the sparse rate reduction weighs
     module = model.encoder.layers[layer.module]
-    for derived, (inputs, output) in zip(layer.steps, outputs):
+    for derived, (raw, output) in zip(layer.steps, outputs):
         step = module.steps[derived.name]
+        inputs = raw.double()
+        if is_sparse_step(derived) and decodes(derived.final):  # its terms are of the code, not of D X
+            with torch.no_grad():
+                output = step.evaluate(code_expression(derived.final), raw)[:, 0].double()
+            row[f"{derived.name}: code zeros"] = (output == 0).double().mean().item()
+            row[f"{derived.name}: code l1"] = output.abs().mean().item()
         for w in derived.parts:
             term = w.term
             value = _term_value(term, step, derived.final, inputs, output)
@@ -103,15 +119,14 @@ def _row(model, layer: LayerPlan, outputs: list[tuple[torch.Tensor, torch.Tensor
             if isinstance(term, Compression):
                 rc, compression_eps = value.mean().item(), term.eps
             if isinstance(term, L1):
-                lam = term.threshold(_values(step))
-    last = outputs[-1][1]
+                lam, sparse = term.threshold(_values(step)), output
     row["zeros"] = (last == 0).double().mean().item()
     row["l1"] = last.abs().mean().item()
     R = CodingRate(eps=eps or compression_eps).value(last, {}).mean().item()
     row["R"] = R
     if rc is not None:
         tokens = last.shape[-1]
-        row["sparse rate reduction"] = R - rc - lam * last.abs().sum((-2, -1)).mean().item() / tokens
+        row["sparse rate reduction"] = R - rc - lam * sparse.abs().sum((-2, -1)).mean().item() / tokens
     return row
 
 

@@ -236,6 +236,15 @@ class LanguageModelling:
                               "{causal: true}, normalized_memberships: {causal: true, ...}), or say task: masked_lm")
 
 
+def text_spec(recipe, data: str | None) -> str | None:
+    """The corpus a language recipe reads (what ``unroll train``, ``measure`` and ``features`` open):
+    ``--data``, else the recipe's ``training.data`` when it names one; None for the corpus every
+    machine has, the standard library (named, or by default: the schema's default is an image set)."""
+    named = recipe.training.data if "data" in recipe.training.model_fields_set else None
+    spec = data or named
+    return None if spec == PYTHON_STDLIB else spec
+
+
 def open_task(recipe, data: str | None, seed: int, out: Path, resume: bool, tokenizer: str | Path | None,
               where: str) -> ImageClassification | LanguageModelling:
     """The task the recipe states, with its data opened (nothing decoded yet)."""
@@ -246,9 +255,7 @@ def open_task(recipe, data: str | None, seed: int, out: Path, resume: bool, toke
             if tokenizer is not None and resume:
                 raise UnrollError("--tokenizer starts a run with that tokenizer; --resume continues with the run's "
                                   "own tokenizer.json: give one")
-            # a language recipe that names no data reads the corpus every machine has
-            named = recipe.training.data if "data" in recipe.training.model_fields_set else None
-            return LanguageModelling(recipe, data or named, seed, out, resume, tokenizer)
+            return LanguageModelling(recipe, text_spec(recipe, data), seed, out, resume, tokenizer)
         if tokenizer is not None:
             raise UnrollError("--tokenizer is for language models; this recipe classifies images")
         return ImageClassification(recipe, data or recipe.training.data, seed)

@@ -326,6 +326,21 @@ def load_tokenizer(path: str | Path, vocab_size: int | None = None):
     return _prepared(tokenizer)
 
 
+def run_tokenizer(weights: str | Path | None, tokenizer: str | Path | None, vocab_size: int):
+    """The tokenizer a run's weights were trained with: ``tokenizer`` when given (a user's
+    ``--tokenizer``), else the run's ``tokenizer.json`` beside the weights (``runs/x/model.safetensors``)
+    or at the run's top for a checkpoint's (``runs/x/checkpoints/epoch-0003/model.safetensors``).
+    None with neither weights nor ``tokenizer``: the caller trains (or reuses) the corpus's own BPE."""
+    if tokenizer is None and weights is not None:
+        folder = Path(weights).parent
+        candidates = [folder / TOKENIZER_FILE, folder.parent.parent / TOKENIZER_FILE]
+        tokenizer = next((c for c in candidates if c.is_file()), None)
+        if tokenizer is None:
+            raise UnrollError(f"no {TOKENIZER_FILE} beside these weights (unroll train saves one in its run folder); "
+                              "give the run's with --tokenizer", where=str(weights))
+    return None if tokenizer is None else load_tokenizer(tokenizer, vocab_size)
+
+
 # --- token cache ---------------------------------------------------------------------------------
 
 def default_cache() -> Path:
@@ -459,12 +474,14 @@ class TextSplits:
 
 
 def open_tokens(spec: str | Path | None, vocab_size: int, context: int, cache: str | Path | None = None,
-                tokenizer: str | Path | None = None, max_train_bytes: int | None = MAX_TRAIN_BYTES) -> TextSplits:
-    """The corpus ``spec`` names, tokenized (by ``tokenizer``, a ``tokenizer.json``, else a BPE
-    trained on its training files) and cut into windows of ``context`` tokens."""
+                tokenizer: Any = None, max_train_bytes: int | None = MAX_TRAIN_BYTES) -> TextSplits:
+    """The corpus ``spec`` names, tokenized (by ``tokenizer``: a ``tokenizer.json`` or one already
+    loaded, else a BPE trained on its training files) and cut into windows of ``context`` tokens."""
     source = open_text(spec)
-    if tokenizer is not None:
+    if isinstance(tokenizer, (str, Path)):
         tok = load_tokenizer(tokenizer, vocab_size)
+    elif tokenizer is not None:  # loaded (run_tokenizer's): its vocabulary was checked then
+        tok = tokenizer
     else:
         tok = cached_tokenizer(source.train, vocab_size, max_train_bytes, cache)
     splits = {}
@@ -476,6 +493,36 @@ def open_tokens(spec: str | Path | None, vocab_size: int, context: int, cache: s
                               where=source.root)
         splits[split] = windows
     return TextSplits(splits["training"], splits["held-out"], tok, source.name, source.skipped)
+
+
+def spread(count: int, n: int) -> list[int]:
+    """``min(n, count)`` indices of ``range(count)``, evenly spaced from 0: a sample of a split's
+    windows that reaches every part of it (its files are in order) rather than its first files."""
+    n = min(n, count)
+    return [i * count // n for i in range(n)]
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Windows of held-out text, as a command that reads a trained model's text sees them."""
+
+    #: (windows, context) int64 ids, windows evenly spread over the held-out split
+    ids: torch.Tensor
+    tokenizer: Any
+    #: the corpus's name (``python3.11-stdlib``, a folder's name)
+    name: str
+    #: the windows the held-out split has in all
+    available: int
+
+
+def held_out_windows(spec: str | Path | None, vocab_size: int, context: int, windows: int, tokenizer: Any = None,
+                     cache: str | Path | None = None) -> HeldOut:
+    """``windows`` windows of ``context`` tokens of the held-out split of ``spec`` (as
+    :func:`open_tokens` opens it, ``tokenizer`` included), spread over it (:func:`spread`)."""
+    splits = open_tokens(spec, vocab_size, context, cache=cache, tokenizer=tokenizer)
+    val = splits.val
+    ids = torch.stack([val[i][0] for i in spread(len(val), windows)])
+    return HeldOut(ids, splits.tokenizer, splits.name, len(val))
 
 
 # --- objectives and baselines --------------------------------------------------------------------
