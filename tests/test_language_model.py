@@ -185,8 +185,7 @@ def test_a_masked_language_model_trains(tmp_path, monkeypatch, quiet):
 def test_commands_that_read_images_refuse_a_language_model(tmp_path, capsys):
     from unroll.cli import main
 
-    for args in (["eval", str(TINY), "--checkpoint", str(tmp_path / "x")], ["measure", str(TINY)],
-                 ["construct", str(TINY)]):
+    for args in (["eval", str(TINY), "--checkpoint", str(tmp_path / "x")], ["construct", str(TINY)]):
         assert main(args) == 2
         err = capsys.readouterr().err
         assert "language model" in err or "task is causal_lm" in err, err
@@ -264,6 +263,23 @@ def test_a_prompt_longer_than_the_context_is_refused(tmp_path, monkeypatch, caps
                *[a for s in FAST for a in ("--set", s)]])
     err = capsys.readouterr().err
     assert rc == 2 and "longer than the model's context of 16" in err and "Traceback" not in err
+
+
+def test_an_image_models_checkpoint_is_refused_by_a_language_recipe(tmp_path, capsys):
+    from unroll.checkpoint import save_weights
+    from unroll.cli import main
+    from unroll.train import text
+
+    small = ["architecture.depth=1", "architecture.width=32", "architecture.heads=2"]
+    save_weights(unroll.build(load_recipe(ROOT / "recipes/crate_tiny.yaml", small)).state_dict(),
+                 tmp_path / "model.safetensors")
+    (tmp_path / "t.txt").write_text("x = 1\n" * 200)
+    text.save_tokenizer(text.train_tokenizer(text.open_text(tmp_path / "t.txt").train, 300), tmp_path)
+    rc = main(["generate", str(TINY), "--checkpoint", str(tmp_path / "model.safetensors"), "--prompt", "x",
+               *[a for s in FAST for a in ("--set", s)]])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "these are the weights of an image model, the recipe builds a language model" in err
 
 
 @pytest.mark.slow

@@ -106,7 +106,22 @@ def check_state(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor
     if wrong:
         problems.append(f"shape mismatches: {name_list(wrong, sep='; ')}")  # '; ': shapes hold commas
     if problems:
-        raise UnrollError("checkpoint does not fit the model built from the recipe\n  " + "\n  ".join(problems), where=where)
+        ours, theirs = model_kind(expected), model_kind(found)
+        what = f": these are the weights of {theirs}, the recipe builds {ours}" if theirs and ours and theirs != ours else ""
+        raise UnrollError(f"checkpoint does not fit the model built from the recipe{what}\n  " + "\n  ".join(problems),
+                          where=where)
+
+
+def model_kind(state: dict[str, torch.Tensor]) -> str | None:
+    """"a language model" or "an image model", by the front end the keys name; None if neither."""
+    from unroll.lower.language import TOKENS
+    from unroll.lower.model import FRONTEND
+
+    if any(k.startswith(f"{FRONTEND}.{TOKENS}.") for k in state):
+        return "a language model"
+    if any(k.startswith(f"{FRONTEND}.") for k in state):
+        return "an image model"
+    return None
 
 
 def fit(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
