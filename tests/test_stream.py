@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 import unroll
 from unroll.bench_generate import main as bench_generate
 from unroll.derive import GradientStep
+from unroll.expr.printing import to_text
 from unroll.generate import cache_problem, sample
 from unroll.lower.model import lower_network
 from unroll.lower.stream import NotStreamable
@@ -79,6 +80,7 @@ def test_what_is_cached_attention_keeps_projected_tokens_tost_running_sums():
             model.stream(torch.zeros(1, 5, dtype=torch.int64), cache)
         first = next(iter(model.layer(0).steps))  # the attention step; the sparse step keeps nothing
         step, sparse = cache.layers[0][first], cache.layers[0]["sparsify"]
+        step = {to_text(node): value for node, value in step.items()}  # keyed by the cached expressions
         assert sparse == {}
         if grows:  # past(W_k): K heads x p x tokens, per unrolled layer
             assert list(step) == ["past(W_k)"] and step["past(W_k)"].shape == (1, 2, 16, 10)
@@ -146,3 +148,88 @@ def test_explain_says_what_generation_keeps():
     assert "generation: token by token, keeps nothing of the earlier tokens" in text  # the sparse step
     assert "no cache, every token recomputes the window" in explain(lm_network())  # the exact step uses N
     assert "generation:" not in explain(to_network(load_recipe(ROOT / "recipes/crate_bert_tiny.yaml")))  # not causal
+
+
+# --- the rewrite on expressions: what it accepts computes the full value, the rest is refused ---
+
+import sympy as sp  # noqa: E402
+
+from unroll.expr.nodes import LayerNorm, LeadingColumns, PrefixSum, ReLU, Softmax  # noqa: E402
+from unroll.expr.symbols import N, Z, d  # noqa: E402
+from unroll.lower.interpret import RAW, SIZES, Lowering  # noqa: E402
+from unroll.lower.stream import FRESH, OFFSET, STATE, stream_update  # noqa: E402
+
+WIDTH, LENGTH = 4, 7
+W = sp.MatrixSymbol("W", d, d)
+GAINS = {name: sp.MatrixSymbol(name, d, 1) for name in ("g1", "b1", "g2", "b2")}
+LN1 = LayerNorm(Z, GAINS["g1"], GAINS["b1"], sp.Float(1e-5))
+LN2 = LayerNorm(Z, GAINS["g2"], GAINS["b2"], sp.Float(1e-5))  # prints as LN1 does: LN(Z)
+
+
+def expression_env(columns: torch.Tensor, offset: int = 0) -> dict:
+    g = torch.Generator().manual_seed(5)
+    raw = {name: torch.randn(WIDTH, generator=g, dtype=torch.float64) for name in GAINS}
+    return {"Z": columns.unsqueeze(1), "W": torch.randn(1, 1, WIDTH, WIDTH, generator=g, dtype=torch.float64),
+            SIZES: {"d": WIDTH, "N": columns.shape[-1]}, RAW: raw, STATE: {}, FRESH: {}, OFFSET: offset}
+
+
+def full_and_streamed(out, cuts=(3, 4)) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out`` by the plain lowering on every token, and by its streaming form chunk by chunk."""
+    tokens = torch.randn(1, WIDTH, LENGTH, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    full = Lowering().matrix(out)(expression_env(tokens))
+    program, state, parts = stream_update(out, ()), {}, []
+    bounds = [0, *cuts, LENGTH]
+    for a, b in zip(bounds, bounds[1:]):
+        env = expression_env(tokens[..., a:b], a)
+        env[STATE] = state
+        parts.append(program(env))
+    return full, torch.cat(parts, dim=-1)
+
+
+@pytest.mark.parametrize("name, out", [
+    ("two attentions whose values print alike", LN1 * Softmax(LN1.T * LN1, causal=True)
+     + LN2 * Softmax(LN2.T * LN2, causal=True)),
+    ("two prefix sums that print alike", PrefixSum(LN1) + PrefixSum(LN2)),
+    ("attention through a weight", W * Z * Softmax(Z.T * W.T * W * Z, causal=True)),
+])
+def test_accepted_expressions_stream_their_full_value(name, out):
+    full, streamed = full_and_streamed(out)
+    assert (full - streamed).abs().max().item() < 1e-12, name
+
+
+@pytest.mark.parametrize("out, reason", [
+    (ReLU(sp.Transpose(Z.T * Z * Z.T)), "sums over all tokens"),
+    (sp.Transpose(ReLU(Z.T * Z * Z.T)), "transpose of a value with a row per token"),
+    (W * (Z * Softmax(Z.T * W, causal=True)) * Z, "not N x N"),
+    (Z + LeadingColumns(sp.MatrixSymbol("P", d, 9), 3) * sp.OneMatrix(3, N), "per-position table"),
+    (Z * Softmax(Z.T * Z), "not causal"),
+])
+def test_expressions_that_read_later_tokens_are_refused(out, reason):
+    with pytest.raises(NotStreamable, match=reason):
+        stream_update(out, ())
+
+
+def test_a_cache_refuses_another_batch_and_the_end_of_the_context():
+    from unroll.errors import UnrollError
+
+    model = MODELS["crate_gpt"]
+    cache = model.new_cache()
+    with torch.no_grad():
+        model.stream(torch.zeros(2, 20, dtype=torch.int64), cache)
+        with pytest.raises(UnrollError, match="holds 2 sequences"):
+            model.stream(torch.zeros(1, 1, dtype=torch.int64), cache)
+        with pytest.raises(UnrollError, match="pass the context of 24"):
+            model.stream(torch.zeros(2, 5, dtype=torch.int64), cache)
+        assert cache.offset == 20  # nothing was appended by the refused calls
+        assert model.stream(torch.zeros(2, 4, dtype=torch.int64), cache).shape == (2, 4, 50)
+
+
+def test_the_benchmark_keeps_a_checkpoints_context(tmp_path, capsys):
+    from unroll.checkpoint import save_weights
+
+    save_weights(unroll.build(load_recipe(ROOT / "recipes/crate_gpt_tiny.yaml", TINY)).state_dict(), tmp_path / "m.safetensors")
+    args = ["recipes/crate_gpt_tiny.yaml", *[f"--set={o}" for o in TINY], "--checkpoint", str(tmp_path / "m.safetensors"),
+            "--repeats", "1", "--threads", "1", "--prompt", "4"]
+    with pytest.raises(SystemExit, match="pass the checkpoint's context of 24"):
+        bench_generate([*args, "--tokens", "30"])
+    assert bench_generate([*args, "--tokens", "20"])["context"] == 24

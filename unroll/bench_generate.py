@@ -2,10 +2,11 @@
 ``python -m unroll.bench_generate [RECIPE] [--set KEY=VALUE ...]``.
 
 Both runs sample the same greedy continuation of the same prompt from the same model (random
-weights, or ``--checkpoint``), float32, inference mode, on this machine's threads: one reads each
+weights, or ``--checkpoint``), float32, without autograd, on this machine's threads: one reads each
 new token once through the model's streaming form (:mod:`unroll.lower.stream`), the other runs the
-model's (optimised) forward over all tokens so far for every new one. The context is raised to
-prompt + tokens when smaller, so that the cache is used throughout. Each time is the median of
+model's (optimised) forward over all tokens so far for every new one. With random weights the
+context is raised to prompt + tokens when smaller, so that the cache is used throughout; a
+checkpoint keeps its context, which must hold them. Each time is the median of
 ``--repeats`` runs, the two kinds alternating so that a noisy machine slows both alike; the
 printed ratio is no-cache / cache, and both must give the same tokens.
 """
@@ -14,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
 
-from unroll.generate import sample
+from unroll.errors import UnrollError
+from unroll.generate import cache_problem, sample
 
 
 def timed(model, prompt: list[int], tokens: int, cache: bool) -> tuple[float, list[int]]:
@@ -36,10 +39,17 @@ def measure(recipe: str, overrides: list[str], prompt: int, tokens: int, repeats
     from unroll.recipe import load_recipe, to_network
 
     resolved = load_recipe(recipe, overrides)
-    context = max(resolved.architecture.context, prompt + tokens)
-    resolved = load_recipe(recipe, [*overrides, f"architecture.context={context}"])
+    context = resolved.architecture.context
+    if checkpoint is None:
+        context = max(context, prompt + tokens)
+        resolved = load_recipe(recipe, [*overrides, f"architecture.context={context}"])
+    elif prompt + tokens > context:  # the position table is the checkpoint's
+        raise UnrollError(f"--prompt {prompt} and --tokens {tokens} pass the checkpoint's context of {context}: "
+                          "past it there is no cache to time")
     torch.manual_seed(0)
     model = build(to_network(resolved), checkpoint=checkpoint).to(device).eval()
+    if problem := cache_problem(model):  # both runs would recompute the window: nothing to compare
+        raise UnrollError(f"no cache to time: {problem}")
     ids = torch.randint(0, resolved.architecture.vocab_size, (prompt,)).tolist()
     cached, full = [], []
     for _ in range(repeats):
@@ -62,7 +72,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    r = measure(args.recipe, args.set, args.prompt, args.tokens, args.repeats, args.checkpoint, args.device)
+    try:
+        r = measure(args.recipe, args.set, args.prompt, args.tokens, args.repeats, args.checkpoint, args.device)
+    except UnrollError as e:
+        sys.exit(f"error: {e.render()}")
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
     print(f"{args.recipe} {' '.join(args.set)}: {r['parameters']:,} parameters, context {r['context']}, "
           f"{args.prompt}-token prompt, {args.tokens} new tokens (greedy), float32, {where}")

@@ -470,7 +470,7 @@ def features(
     layer: Annotated[Optional[int], typer.Option(help="layer to read, counted from 1",
                                                  show_default="the last with a sparse-coding step")] = None,
     top: Annotated[int, typer.Option(help="contexts listed per coordinate", min=1, max=1000)] = 5,
-    tokens: Annotated[int, typer.Option(help="held-out tokens to read at most", min=1, max=1 << 30)] = 65_536,
+    tokens: Annotated[int, typer.Option(help="held-out tokens to read at most (at least one window of context tokens)", min=1, max=1 << 30)] = 65_536,
     device: DeviceOpt = None,
     max_memory: MaxMemory = 16.0,
     set: SetOpt = None,

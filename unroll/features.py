@@ -224,7 +224,7 @@ def ranges(numbers: list[int]) -> str:
 
 def _markdown_text(text: str) -> str:
     # any ASCII punctuation may be backslash-escaped in Markdown; runs of spaces would collapse
-    escaped = "".join("\\" + ch if ch in "\\`*_{}[]<>()#+-.!|~" else ch for ch in text)
+    escaped = "".join("\\" + ch if ch in "\\`*_{}[]<>()#+-.!|~&" else ch for ch in text)
     return escaped.replace("  ", " \u00a0")
 
 

@@ -147,10 +147,7 @@ class Lowering:
         def causal(env):
             x = inner(env)
             ones = torch.ones(x.shape[-2:], dtype=torch.bool, device=x.device)
-            # key i (a row) is later than query j (a column) where i > j + earlier: the queries are
-            # the last positions of the keys' (all of them, or the new ones when streaming)
-            earlier = abs(x.shape[-1] - x.shape[-2])
-            later = ones.triu(1 + earlier) if self.transposed else ones.tril(-1 - earlier)
+            later = ones.triu(1) if self.transposed else ones.tril(-1)  # entries with i > j
             return torch.softmax(x.masked_fill(later, float("-inf")), dim=dim)
 
         return causal

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unroll.errors import UnrollError
 from unroll.lower.model import FRONTEND, HEAD, Layer, LayerStack, RecipeModel
 from unroll.network import LanguageHead, Network, TokenFrontend
 from unroll.plan import Plan, plan
@@ -85,6 +86,13 @@ class WhiteBoxLanguageModel(RecipeModel):
         (B, n, vocab), equal to the last n positions of ``forward`` on all of them; ``cache``
         (from :meth:`new_cache`) keeps what each step needs of the earlier tokens and moves on
         by n. Raises :class:`~unroll.lower.stream.NotStreamable` for a step that reads later tokens."""
+        batch, n = ids.shape
+        if cache.offset + n > self.network.frontend.context:  # before any step appends to the cache
+            raise UnrollError(f"{cache.offset} tokens read and {n} more pass the context of "
+                              f"{self.network.frontend.context}: the positions are absolute, start a new cache")
+        if cache.batch not in (None, batch):
+            raise UnrollError(f"the cache holds {cache.batch} sequences, these ids {batch}")
+        cache.batch = batch
         x = self.frontend(ids, cache.offset)  # (B, n, d)
         x = self.encoder.stream(x, cache.layers, cache.offset)
         cache.offset += ids.shape[1]
@@ -107,6 +115,8 @@ class TokenCache:
 
     offset: int
     layers: list[dict]
+    #: the sequences read side by side, set by the first call
+    batch: int | None = None
 
     def values(self) -> int:
         """Numbers held (the cache's size in elements)."""

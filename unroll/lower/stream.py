@@ -135,14 +135,21 @@ def _new(e: Basic, where: str) -> Basic:
     if _has_tokens(rows):
         raise NotStreamable(f"{where}: {to_text(e)} has a row per token, which only a causal softmax's "
                             "scores may have")
-    if isinstance(e, (sp.MatrixSymbol, LeadingColumns, sp.OneMatrix, sp.ZeroMatrix, sp.Identity)):
+    if isinstance(e, LeadingColumns):
+        if e.count != N or e.arg.has(N):  # only a per-position table read for the N tokens streams
+            raise NotStreamable(f"{where}: {to_text(e)} is not a per-position table read for the N tokens")
+        return e
+    if isinstance(e, (sp.MatrixSymbol, sp.OneMatrix, sp.ZeroMatrix, sp.Identity)):
         return e
     if isinstance(e, sp.MatMul):
         return _product(e, where)
     if isinstance(e, sp.Transpose):
-        if _has_tokens(e.arg.shape[1]):
-            raise NotStreamable(f"{where}: {to_text(e)} has a row per token")
-        return e
+        if not e.arg.has(N):  # a weight's transpose
+            return e
+        pushed = e.doit()  # (A B)ᵀ = Bᵀ Aᵀ: a transpose sympy can move inward
+        if pushed != e:
+            return _new(pushed, where)
+        raise NotStreamable(f"{where}: {to_text(e)} is the transpose of a value with a row per token")
     if isinstance(e, Norm) and e.kind == "rows":
         raise NotStreamable(f"{where}: {to_text(e)} is a norm over all tokens")
     if isinstance(e, Softmax):
@@ -170,6 +177,9 @@ def _product(e: sp.MatMul, where: str) -> Basic:
             i += 1
             continue
         after = factors[i + 1]
+        if isinstance(after, Softmax) and after.shape != (N, N):
+            raise NotStreamable(f"{where}: {to_text(after)} is not token-by-token attention (its scores are "
+                                f"{to_text(after.shape[0])} x {to_text(after.shape[1])}, not N x N)")
         if isinstance(after, Softmax) and not after.causal:
             raise NotStreamable(f"{where}: {to_text(after)} is a softmax over all tokens (it is not causal)")
         if not isinstance(after, Softmax):
@@ -202,7 +212,7 @@ class StreamLowering(Lowering):
     env's :data:`STATE` (a dict the caller keeps per step and per layer)."""
 
     def _Past(self, e: Past) -> Fn:
-        inner, key = self.matrix(e.arg), to_text(e)
+        inner, key = self.matrix(e.arg), e  # keyed by the expression itself: printing may lose detail
 
         def past(env: Env) -> torch.Tensor:
             fresh = env[FRESH]
@@ -215,7 +225,7 @@ class StreamLowering(Lowering):
         return past
 
     def _PrefixSum(self, e: PrefixSum) -> Fn:
-        inner, key = self.matrix(e.arg), to_text(e)
+        inner, key = self.matrix(e.arg), e
 
         def prefix(env: Env) -> torch.Tensor:
             fresh = env[FRESH]
@@ -229,6 +239,19 @@ class StreamLowering(Lowering):
             return fresh[key]
 
         return prefix
+
+    def _Softmax(self, e: Softmax) -> Fn:
+        inner = self.matrix(e.arg)
+        if not e.causal:  # the rewrite lets no other softmax through
+            raise NotStreamable(f"{to_text(e)} is not causal")
+
+        def causal(env: Env) -> torch.Tensor:
+            x = inner(env)  # (.., T, n): rows every position so far, columns the last n of them
+            earlier = x.shape[-2] - x.shape[-1]
+            later = torch.ones(x.shape[-2:], dtype=torch.bool, device=x.device).tril(-1 - earlier)
+            return torch.softmax(x.masked_fill(later, float("-inf")), dim=-2)
+
+        return causal
 
     def _LeadingColumns(self, e: LeadingColumns) -> Fn:
         inner, count = self.matrix(e.arg), self.scalar(e.count)
