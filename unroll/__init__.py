@@ -7,7 +7,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from unroll.api import as_network, build
-from unroll.derive import GradientStep, ProximalStep, SynthesisStep, invert_groups, invert_layer
+from unroll.derive import GradientStep, Init, ProximalStep, SynthesisStep, invert_groups, invert_layer
 from unroll.errors import UnrollError
 from unroll.explain import explain
 from unroll.network import ClassifierHead, Group, MaskedAutoencoder, Network, PatchFrontend
@@ -24,6 +24,7 @@ __all__ = [
     "ClassifierHead",
     "GradientStep",
     "Group",
+    "Init",
     "MaskedAutoencoder",
     "Network",
     "PatchFrontend",

@@ -23,6 +23,7 @@ from types import MappingProxyType
 
 import sympy as sp
 
+from unroll.derive.init import initialised
 from unroll.derive.steps import Step, derive, step_constants, step_name_problem
 from unroll.derive.update import Update
 from unroll.errors import UnrollError
@@ -250,7 +251,12 @@ def derive_steps(steps: tuple[Step, ...], field: str = "layer") -> tuple[Derived
     for step in steps:
         with _in_step(step.name):
             exact = prune(derive(step))
-            out.append(DerivedStep(step, exact, tuple(apply_all(exact, step.relax))))
+            relaxed = tuple(apply_all(exact, step.relax))
+            if relaxed:  # the initialisations the step asks for apply to the parameters it ends with
+                relaxed = (*relaxed[:-1], (relaxed[-1][0], initialised(relaxed[-1][1], step.init)))
+            else:
+                exact = initialised(exact, step.init)
+            out.append(DerivedStep(step, exact, relaxed))
     return tuple(out)
 
 

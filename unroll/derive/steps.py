@@ -19,6 +19,7 @@ from pydantic import Field
 
 import sympy as sp
 
+from unroll.derive.init import Init
 from unroll.derive.update import Update, merge_params
 from unroll.errors import UnrollError
 from unroll.fields import check_fields
@@ -52,6 +53,13 @@ class _Step:
                 raise UnrollError(f"relax item {i} is a {type(r).__name__}, not a relaxation (from unroll.relax)",
                                   field=f"step {self.name}")
         object.__setattr__(self, "relax", tuple(relax))
+        init = self.init
+        if isinstance(init, dict):  # a mapping is the natural spelling; stored as pairs to stay hashable
+            init = tuple(init.items())
+        if not isinstance(init, tuple) or not all(
+                isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], Init) for p in init):
+            raise UnrollError("init maps parameter names to unroll.Init(...) values", field=f"step {self.name}")
+        object.__setattr__(self, "init", init)
         check_fields(self, f"step {self.name}")
 
 
@@ -70,6 +78,8 @@ class GradientStep(_Step):
     relax: tuple = ()
     #: for a decoder step, the name of the encoder step it undoes
     inverts: str | None = None
+    #: initialisations by stored parameter name (``{"U": Init("normal", 0.02)}``), see :mod:`unroll.derive.init`
+    init: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,8 @@ class ProximalStep(_Step):
     decode: Literal["none", "tied", "decoupled"] = "none"
     name: str = "proximal"
     relax: tuple = ()
+    #: initialisations by stored parameter name (``{"U": Init("normal", 0.02)}``), see :mod:`unroll.derive.init`
+    init: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,8 @@ class SynthesisStep(_Step):
     name: str = "synthesis"
     relax: tuple = ()
     inverts: str | None = None
+    #: initialisations by stored parameter name (``{"U": Init("normal", 0.02)}``), see :mod:`unroll.derive.init`
+    init: tuple = ()
 
 
 Step = Union[GradientStep, ProximalStep, SynthesisStep]

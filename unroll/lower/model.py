@@ -7,6 +7,7 @@ import pickle
 import torch
 from torch import nn
 
+from unroll.derive.init import DEPTH
 from unroll.errors import UnrollError, excerpt
 from unroll.graph.blocks import LayerGraph
 from unroll.lower.frontend import Classifier, PatchEmbedding
@@ -31,6 +32,7 @@ class LayerStack(nn.Module):
     def __init__(self, stack: StackPlan, sizes: dict[str, int], optimize: bool = True):
         super().__init__()
         self.stack = stack
+        sizes = {**sizes, DEPTH: len(stack.layers)}  # what a depth-scaled initialisation divides by
         self.layers = nn.ModuleList(
             Layer(g.graph, sizes, optimize) for g in stack.groups for _ in range(g.modules))
         self.schedule = tuple(layer.module for layer in stack.layers)

@@ -9,6 +9,7 @@ import sympy as sp
 import torch
 from torch import nn
 
+from unroll.derive.init import normal_std
 from unroll.derive.update import Update, used_names
 from unroll.errors import UnrollError
 from unroll.expr.printing import to_text
@@ -29,6 +30,8 @@ def init_param(spec: ParamSpec, sizes: dict[str, int]) -> torch.Tensor:
         return torch.ones(shape)
     if kind == "zeros":
         return torch.zeros(shape)
+    if kind == "normal":
+        return torch.empty(shape).normal_(0.0, normal_std(spec.init, sizes))
     fan_in = size_value(spec.init[1], sizes)
     bound = 1 / math.sqrt(fan_in) if kind == "uniform" else math.sqrt(6 / fan_in)
     return torch.empty(shape).uniform_(-bound, bound)

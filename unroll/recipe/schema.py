@@ -10,12 +10,13 @@ import dataclasses
 from dataclasses import replace
 import math
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import sympy as sp
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
 
+from unroll.derive.init import Init
 from unroll.derive.inverse import invert_groups, invert_layer
 from unroll.derive.steps import MAX_ITERATIONS, GradientStep, ProximalStep, SynthesisStep, step_name_problem
 from unroll.network import LANGUAGE_TASKS, ClassifierHead, Group, LanguageHead, MaskedAutoencoder, Network, PatchFrontend, TokenFrontend
@@ -187,6 +188,36 @@ def _validate_args(kind: str, registry: dict[str, type], name: Any, args: Any) -
 TermNames = Annotated[list[str], Field(min_length=1, max_length=MAX_TERMS)]
 
 
+class NormalInit(_Strict):
+    """``{normal: 0.02}``: N(0, std²) entries; ``depth_scaled: true`` divides std by √(2L)."""
+
+    normal: float = Field(gt=0, le=10)
+    depth_scaled: bool = False
+
+
+class KaimingInit(_Strict):
+    """``{kaiming: d}``: U(±√(6/n)) for the fan-in n named (d, m or p)."""
+
+    kaiming: Literal["d", "m", "p"]
+
+
+def _init_kind(value: Any) -> str | None:
+    if isinstance(value, (str, BaseModel)):
+        return "name" if isinstance(value, str) else type(value).__name__
+    if isinstance(value, dict):
+        return "NormalInit" if "normal" in value else "KaimingInit" if "kaiming" in value else None
+    return None
+
+
+#: a parameter's initialisation in a recipe: zeros, ones, a normal or a Kaiming-uniform distribution
+#: (told apart by their key first, so that a mistake gets one message, not one per alternative)
+InitSpec = Annotated[
+    Union[Annotated[Literal["zeros", "ones"], Tag("name")], Annotated[NormalInit, Tag("NormalInit")],
+          Annotated[KaimingInit, Tag("KaimingInit")]],
+    Discriminator(_init_kind, custom_error_type="init",
+                  custom_error_message="expected zeros, ones, {normal: STD, depth_scaled: BOOL} or {kaiming: d|m|p}")]
+
+
 class StepSpec(_Strict):
     name: str
     gradient: TermNames | None = Field(default=None, description="terms a gradient step descends")
@@ -197,6 +228,7 @@ class StepSpec(_Strict):
     warm_start: Literal["input", "zero"] = "input"
     decode: Literal["none", "tied", "decoupled"] = "none"
     relax: list[dict[str, Any]] = []
+    init: dict[str, InitSpec] = Field(default_factory=dict, description="initialisation by stored parameter name (U, O, b, D, ...)")
 
     @field_validator("name")
     @classmethod
@@ -500,17 +532,26 @@ def _objective(recipe: Recipe, names: list[str]) -> Objective:
     return Objective(tuple(parts))
 
 
+def _init(rule: InitSpec) -> Init:
+    if isinstance(rule, NormalInit):
+        return Init("normal", rule.normal, rule.depth_scaled)
+    if isinstance(rule, KaimingInit):
+        return Init("kaiming", fan_in=rule.kaiming)
+    return Init(rule)
+
+
 def _steps(recipe: Recipe, specs: list[StepSpec]) -> tuple:
     steps = []
     for s in specs:
         relax = tuple(RELAXATIONS[name](**args) for item in s.relax for name, args in item.items())
         on = _objective(recipe, s.terms)
+        init = {name: _init(rule) for name, rule in s.init.items()}
         if s.kind == "gradient":
-            steps.append(GradientStep(on, s.step_size, s.name, relax))
+            steps.append(GradientStep(on, s.step_size, s.name, relax, init=init))
         elif s.kind == "proximal":
-            steps.append(ProximalStep(on, s.step_size, s.iterations, s.warm_start, s.decode, s.name, relax))
+            steps.append(ProximalStep(on, s.step_size, s.iterations, s.warm_start, s.decode, s.name, relax, init=init))
         else:
-            steps.append(SynthesisStep(on, s.name, relax))
+            steps.append(SynthesisStep(on, s.name, relax, init=init))
     return tuple(steps)
 
 
