@@ -16,6 +16,7 @@ from unroll.errors import UnrollError
 from unroll.expr.nodes import Softmax
 from unroll.files import bytes_writer, png_bytes, write_files
 from unroll.images import read_image
+from unroll.lower.model import step_input
 from unroll.plan import DerivedStep
 
 
@@ -45,21 +46,7 @@ def cls_attention(model, images: torch.Tensor, layer: int) -> torch.Tensor:
         hint = f"; layers with one: {', '.join(having)}" if having else ""
         raise UnrollError(f"layer {layer} has no softmax similarity (attention) to look at{hint}")
     derived, softmax = found
-    step = model.encoder.layers[planned.module].steps[derived.name]
-    # a tied module runs once per layer of its group: take its call for this layer
-    call = sum(1 for x in layers[: layer - 1] if x.module == planned.module)
-    captured: list[torch.Tensor] = []
-
-    def hook(module, args):
-        captured.append(args[0])
-
-    handle = step.register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            model(images)
-    finally:
-        handle.remove()
-    Z = captured[call].mT if step.rows else captured[call]  # (B, d, N), tokens as columns
+    step, Z = step_input(model, layer, derived.name, images)  # (B, d, N), tokens as columns
     with torch.no_grad():
         similarity = step.evaluate(softmax, Z)  # (B, K, N, N): column j is token j's weights
     return similarity[:, :, 1:, 0]

@@ -65,6 +65,8 @@ WorkersOpt = Annotated[Optional[int], typer.Option(help="loader worker processes
                                                    show_default="0 for digits and mixtures, else min(8, cores)")]
 PrecisionOpt = Annotated[Optional[str], typer.Option(help="bfloat16 (autocast) or float32", show_default="bfloat16 on a GPU, else float32")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu or cuda", show_default="cuda if available")]
+RunOpt = Annotated[Path, typer.Option("--checkpoint", help="a run folder of unroll train (its weights and tokenizer.json), "
+                                                          "or a weights file", show_default=False)]
 MaxMemory = Annotated[float, typer.Option("--max-memory", metavar="GIB", min=0.001,
                                           help="refuse a build whose estimated memory exceeds this")]
 
@@ -329,8 +331,7 @@ def evaluate(
 @app.command()
 def generate(
     recipe: RecipeArg,
-    checkpoint: Annotated[Path, typer.Option(help="a run folder of unroll train (its weights and tokenizer.json), "
-                                             "or a weights file", show_default=False)],
+    checkpoint: RunOpt,
     prompt: Annotated[str, typer.Option(help="the text to continue", show_default=False)],
     tokens: Annotated[int, typer.Option(help="new tokens to sample", min=1, max=1 << 20)] = 64,
     temperature: Annotated[float, typer.Option(help="0: always the most likely token", min=0.0, max=100.0)] = 1.0,
@@ -462,8 +463,7 @@ def measure(
 @app.command()
 def features(
     recipe: RecipeArg,
-    checkpoint: Annotated[Path, typer.Option(help="a run folder of unroll train (its weights and tokenizer.json), "
-                                             "or a weights file", show_default=False)],
+    checkpoint: RunOpt,
     out: Annotated[Path, typer.Option(help="folder for features.md and features.html", show_default=False)],
     data: TextDataOpt = None,
     tokenizer: TokenizerOpt = None,

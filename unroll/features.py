@@ -31,6 +31,7 @@ from sympy.matrices.expressions.matmul import MatMul
 
 from unroll.errors import UnrollError
 from unroll.files import text_writer, write_files
+from unroll.lower.model import step_input
 from unroll.objective import Lasso
 from unroll.objective.lasso import DICTIONARY
 from unroll.plan import DerivedStep, LayerPlan, Plan
@@ -94,25 +95,7 @@ def sparse_layer(plan: Plan, layer: int | None) -> tuple[LayerPlan, DerivedStep]
 
 def codes(model, planned: LayerPlan, derived: DerivedStep, ids: torch.Tensor) -> torch.Tensor:
     """(B, m, T): the sparse code of every token of ``ids`` (B, T) at ``derived`` in layer ``planned``."""
-    layers = model.plan.encoder.layers
-    step = model.encoder.layers[planned.module].steps[derived.name]
-    # a tied module runs once per layer of its group: take its call for this layer
-    call = sum(1 for x in layers[: planned.number - 1] if x.module == planned.module)
-    captured: list[torch.Tensor] = []
-    calls = [0]
-
-    def hook(module, args):
-        if calls[0] == call:
-            captured.append(args[0])
-        calls[0] += 1
-
-    handle = step.register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        handle.remove()
-    Z = captured[0].mT if step.rows else captured[0]  # (B, d, T), tokens as columns
+    step, Z = step_input(model, planned.number, derived.name, ids)  # (B, d, T), tokens as columns
     with torch.no_grad():
         return step.evaluate(code_expression(derived.final), Z)[:, 0]
 

@@ -176,6 +176,25 @@ class WhiteBoxClassifier(RecipeModel):
         return self.head(self.encode(images))
 
 
+def step_input(model: nn.Module, layer: int, step: str, inputs: torch.Tensor) -> tuple[LoweredStep, torch.Tensor]:
+    """(the lowered step, its input (B, d, N) with tokens as columns) of step ``step`` of encoder
+    layer ``layer`` (counted from 1 across groups) when ``model`` runs on ``inputs``, without
+    autograd. A tied module runs once per layer of its group: its call for this layer is taken."""
+    schedule = model.encoder.schedule
+    module = schedule[layer - 1]
+    lowered = model.encoder.layers[module].steps[step]
+    call = schedule[: layer - 1].count(module)
+    captured: list[torch.Tensor] = []
+    handle = lowered.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        handle.remove()
+    Z = captured[call]
+    return lowered, Z.mT if lowered.rows else Z
+
+
 def sample_input(network: Network, batch: int = 1) -> torch.Tensor:
     """Zeros of the shape the network reads: images (B, C, H, W), or token ids (B, context)."""
     from unroll.network import TokenFrontend
