@@ -43,12 +43,12 @@ def test_explain_shows_how_each_parameter_starts():
     assert "output bias, starts zeros" in text and "sparse-coding dictionary, starts U(±√(6/d))" in text
 
 
-def causal_step(**init) -> Network:
+def causal_step(depth: int = 3, tie: bool = False, **init) -> Network:
     step = GradientStep(Compression(eps=0.5), 1.0, "compress", (
         Neumann(1), CompleteSubspaces(), SoftmaxSimilarity("1/sqrt(p)", causal=True), UntieOutput(bias=True),
         Residual(True)), init=init)
-    return Network((step,), width=32, heads=2, depth=3, frontend=TokenFrontend(vocab_size=11, context=8),
-                   head=LanguageHead())
+    return Network((step,), width=32, heads=2, depth=depth, tie_layers=tie,
+                   frontend=TokenFrontend(vocab_size=11, context=8), head=LanguageHead())
 
 
 def test_the_python_api_and_the_depth_a_scaled_rule_divides_by():
@@ -61,20 +61,26 @@ def test_the_python_api_and_the_depth_a_scaled_rule_divides_by():
 
 @pytest.mark.parametrize("rule, words", [
     ("{Q: zeros}", ["step compress", "no parameter 'Q'", "its parameters: norm_weight, norm_bias, U, O, b"]),
-    ("{U: {normal: -1}}", ["layer.0.init.U", "greater than 0"]),
-    ("{U: {kaiming: q}}", ["layer.0.init.U"]),
-    ("{U: twos}", ["layer.0.init.U"]),
+    ("{U: {normal: -1}}", ["field layer.0.init.U.normal: Input should be greater than 0"]),
+    ("{U: {kaiming: q}}", ["field layer.0.init.U.kaiming: Input should be 'd', 'm' or 'p'"]),
+    ("{U: twos}", ["field layer.0.init.U: Input should be 'zeros' or 'ones'"]),
+    ("{U: 3}", ["field layer.0.init.U: expected zeros, ones, {normal: STD"]),
 ])
 def test_bad_rules_are_refused_by_name(rule, words):
     with pytest.raises(UnrollError) as error:
         unroll.build(load_recipe(GPT, [*NARROW, f"layer.0.init={rule}"]))
-    for word in words:
+    for word in words:  # the path is the recipe's keys, not the schema's union branches
         assert word in str(error.value), str(error.value)
 
 
 def test_bad_rules_in_python_are_refused():
     with pytest.raises(UnrollError, match="unroll.Init"):
         causal_step(U=0.02)
+    with pytest.raises(UnrollError, match="names a parameter twice"):
+        GradientStep(Compression(eps=0.5), init=(("U", Init("zeros")), ("U", Init("ones"))))
+    on = Compression(eps=0.5)
+    assert GradientStep(on, init={"U": Init("zeros"), "b": Init("ones")}) == \
+        GradientStep(on, init={"b": Init("ones"), "U": Init("zeros")})  # one order, whatever the dict's
     with pytest.raises(UnrollError, match="standard deviation"):
         Init("normal")
     with pytest.raises(UnrollError, match="fan-in"):
@@ -84,3 +90,29 @@ def test_bad_rules_in_python_are_refused():
 def test_data_constants_have_no_initialisation_to_choose():
     with pytest.raises(UnrollError, match="computed from data"):
         unroll.build(load_recipe(ROOT / "recipes/redunet_digits.yaml", ["layer.0.init={E: zeros}"]))
+
+
+def test_a_depth_scaled_rule_divides_by_every_unrolled_layer_tied_or_not():
+    torch.manual_seed(2)
+    model = unroll.build(causal_step(depth=8, tie=True, O=Init("normal", 1.0, depth_scaled=True)))
+    assert len(model.encoder.layers) == 1  # one module, eight layers: L = 8
+    assert abs(model.layer(0).steps["compress"].O.std().item() / (1 / 4) - 1) < 0.1
+
+
+def test_a_step_lowered_alone_cannot_scale_by_a_depth_it_does_not_know():
+    from unroll.derive import derive
+    from unroll.derive.init import initialised
+    from unroll.lower.step import LoweredStep
+
+    update = initialised(derive(GradientStep(Compression(eps=0.5))), (("U", Init("normal", 0.02, depth_scaled=True)),))
+    with pytest.raises(UnrollError, match="depth of the stack"):
+        LoweredStep(update, {"d": 8, "p": 4, "K": 2}, [])
+
+
+def test_an_inverted_decoder_step_starts_as_declared():
+    from unroll.explain import explain
+
+    rule = "layer.0.init={O: {normal: 0.02, depth_scaled: true}, b: zeros}"
+    text = explain(unroll.as_network(load_recipe(ROOT / "recipes/crate_mae_tiny.yaml", [rule])))
+    encoder, decoder = text.split("decoder:", 1)
+    assert "output bias, starts zeros" in encoder and "starts" not in decoder

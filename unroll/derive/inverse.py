@@ -27,10 +27,12 @@ def inverse_name(name: str) -> str:
 
 
 def invert(step: Step) -> Step:
-    """The step that undoes ``step``, with the same relaxations."""
+    """The step that undoes ``step``, with the same relaxations; not its ``init`` (the inverse's
+    parameters are new ones: a decoder written out as ``decoder.layer`` sets their own)."""
     if isinstance(step, GradientStep):
         on = -(step.on._as_objective() if isinstance(step.on, Term) else step.on)
-        return replace(step, on=on, name=inverse_name(step.name), inverts=step.name)
+        # its parameters are its own: they start as declared (an explicit decoder layer may say otherwise)
+        return replace(step, on=on, name=inverse_name(step.name), inverts=step.name, init=())
     if isinstance(step, ProximalStep):
         if step.decode != "none":
             raise UnrollError(

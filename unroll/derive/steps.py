@@ -59,7 +59,10 @@ class _Step:
         if not isinstance(init, tuple) or not all(
                 isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], Init) for p in init):
             raise UnrollError("init maps parameter names to unroll.Init(...) values", field=f"step {self.name}")
-        object.__setattr__(self, "init", init)
+        names = [name for name, _ in init]
+        if len(set(names)) != len(names):
+            raise UnrollError(f"init names a parameter twice: {', '.join(names)}", field=f"step {self.name}")
+        object.__setattr__(self, "init", tuple(sorted(init)))  # one order: equal steps are equal
         check_fields(self, f"step {self.name}")
 
 

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from unroll.errors import UnrollError, excerpt, shorten
 from unroll.files import write_text
-from unroll.recipe.schema import Recipe
+from unroll.recipe.schema import UNION_TAG, Recipe
 from unroll.recipe.strict_yaml import MAX_BYTES, MAX_DEPTH, check_depth, read_yaml
 
 #: validation problems listed in one error; the rest are counted
@@ -21,7 +21,8 @@ MAX_PROBLEMS = 5
 
 
 def _describe(err: dict) -> str:
-    loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-"))
+    # validator and union-branch names (function-..., a discriminated union's tags) are not the user's keys
+    loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("function-", UNION_TAG)))
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown field"

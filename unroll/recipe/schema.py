@@ -16,7 +16,7 @@ import sympy as sp
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
 
-from unroll.derive.init import Init
+from unroll.derive.init import MAX_STD, FanIn, Init
 from unroll.derive.inverse import invert_groups, invert_layer
 from unroll.derive.steps import MAX_ITERATIONS, GradientStep, ProximalStep, SynthesisStep, step_name_problem
 from unroll.network import LANGUAGE_TASKS, ClassifierHead, Group, LanguageHead, MaskedAutoencoder, Network, PatchFrontend, TokenFrontend
@@ -191,29 +191,35 @@ TermNames = Annotated[list[str], Field(min_length=1, max_length=MAX_TERMS)]
 class NormalInit(_Strict):
     """``{normal: 0.02}``: N(0, std²) entries; ``depth_scaled: true`` divides std by √(2L)."""
 
-    normal: float = Field(gt=0, le=10)
+    normal: float = Field(gt=0, le=MAX_STD)
     depth_scaled: bool = False
 
 
 class KaimingInit(_Strict):
     """``{kaiming: d}``: U(±√(6/n)) for the fan-in n named (d, m or p)."""
 
-    kaiming: Literal["d", "m", "p"]
+    kaiming: FanIn
+
+
+#: the prefix of a discriminated union's branch names, which error paths leave out
+UNION_TAG = "union-"
 
 
 def _init_kind(value: Any) -> str | None:
-    if isinstance(value, (str, BaseModel)):
-        return "name" if isinstance(value, str) else type(value).__name__
+    if isinstance(value, str):
+        return f"{UNION_TAG}name"
+    if isinstance(value, (NormalInit, KaimingInit)):
+        return f"{UNION_TAG}{type(value).__name__}"
     if isinstance(value, dict):
-        return "NormalInit" if "normal" in value else "KaimingInit" if "kaiming" in value else None
+        return f"{UNION_TAG}NormalInit" if "normal" in value else f"{UNION_TAG}KaimingInit" if "kaiming" in value else None
     return None
 
 
 #: a parameter's initialisation in a recipe: zeros, ones, a normal or a Kaiming-uniform distribution
 #: (told apart by their key first, so that a mistake gets one message, not one per alternative)
 InitSpec = Annotated[
-    Union[Annotated[Literal["zeros", "ones"], Tag("name")], Annotated[NormalInit, Tag("NormalInit")],
-          Annotated[KaimingInit, Tag("KaimingInit")]],
+    Union[Annotated[Literal["zeros", "ones"], Tag(f"{UNION_TAG}name")], Annotated[NormalInit, Tag(f"{UNION_TAG}NormalInit")],
+          Annotated[KaimingInit, Tag(f"{UNION_TAG}KaimingInit")]],
     Discriminator(_init_kind, custom_error_type="init",
                   custom_error_message="expected zeros, ones, {normal: STD, depth_scaled: BOOL} or {kaiming: d|m|p}")]
 
