@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from rich.console import Console
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torchvision.transforms import v2
 
 import unroll
@@ -29,6 +29,7 @@ from unroll.train.optim import warmup_cosine_epochs
 from unroll.train.loop import train
 from unroll.train.transforms import batch_mixing, eval_transform, train_transform
 
+from runs import max_difference, torchrun_and_one, weights
 from test_cifar import write_cifar
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,15 +59,6 @@ def split_folder(root: Path, **kw) -> Path:
     colour_folder(root / "train", **kw)
     colour_folder(root / "val", per_class=4, seed=1, **{k: v for k, v in kw.items() if k != "per_class"})
     return root
-
-
-def weights(folder: Path) -> dict:
-    return load_file(str(folder / "model.safetensors"))
-
-
-def max_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 # --- sources ---------------------------------------------------------------------------------------
@@ -307,14 +299,8 @@ def test_torchrun_with_streamed_augmented_data_matches_one_process(tmp_path):
     data = str(colour_folder(tmp_path / "data", per_class=8))
     args = ["-m", "unroll", "train", str(DIGITS), "--device", "cpu", "--data", data, "--workers", "1",
             *[a for s in COLOUR + AUGMENT + ["training.epochs=2", "training.accumulate=2"] for a in ("--set", s)]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args,
-                          "--out", str(tmp_path / "ddp")], capture_output=True, text=True, env=env, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True,
-                            env=env, timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
-    assert max_difference(weights(tmp_path / "ddp"), weights(tmp_path / "one")) < 1e-5
+    ddp, one = torchrun_and_one(args, tmp_path)
+    assert max_difference(weights(ddp), weights(one)) < 1e-5
 
 
 # --- unroll eval --------------------------------------------------------------------------------------------

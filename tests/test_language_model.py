@@ -300,24 +300,13 @@ def test_crate_gpt_tiny_on_the_standard_library_beats_the_unigram_entropy(tmp_pa
 
 @pytest.mark.slow
 def test_torchrun_two_processes_train_the_language_model_one_does(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    from safetensors.torch import load_file
+    from runs import max_difference, torchrun_and_one, weights
 
     data = str(corpus(tmp_path / "text"))
     args = ["-m", "unroll", "train", str(TINY), "--device", "cpu", "--data", data,
             *[a for s in FAST for a in ("--set", s)]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "UNROLL_CACHE": str(tmp_path / "cache")}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args,
-                          "--out", str(tmp_path / "ddp")], capture_output=True, text=True, env=env, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True,
-                         env=env, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    a, b = load_file(str(tmp_path / "ddp" / "model.safetensors")), load_file(str(tmp_path / "one" / "model.safetensors"))
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    ddp, one = torchrun_and_one(args, tmp_path, {"UNROLL_CACHE": str(tmp_path / "cache")})
+    assert max_difference(weights(ddp), weights(one)) < 1e-5
 
 
 def test_a_causal_lm_that_looks_ahead_is_refused_before_training(tmp_path, monkeypatch, quiet):

@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 from rich.console import Console
-from safetensors.torch import load_file
 
 import unroll.train.loop as loop
 import unroll.train.tasks as tasks
@@ -23,24 +22,17 @@ from unroll.train import state
 from unroll.train.loop import train
 from unroll.train.optim import Lion, warmup_cosine
 
+from runs import max_difference, torchrun_and_one, weights
+
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "recipes/crate_digits.yaml"
 SMALL = ["architecture.width=32", "architecture.depth=2"]
 QUIET = Console(file=open(os.devnull, "w"))
 
 
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "model.safetensors"))
-
-
 def record(folder: Path) -> dict:
     """The training state of the newest complete checkpoint."""
     return state.latest(folder)[1]
-
-
-def max_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def test_digits_training_learns_far_above_chance(tmp_path):
@@ -72,15 +64,10 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, monkeypatch)
 def test_torchrun_two_processes_match_one(tmp_path):
     args = ["-m", "unroll", "train", str(DIGITS), "--device", "cpu", "--set", "training.epochs=1",
             *[a for s in SMALL for a in ("--set", s)]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args,
-                          "--out", str(tmp_path / "ddp")], capture_output=True, text=True, env=env, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
-    assert record(tmp_path / "ddp")["world_size"] == 2
-    assert record(tmp_path / "one")["world_size"] == 1
-    assert max_difference(weights(tmp_path / "ddp"), weights(tmp_path / "one")) < 1e-5
+    ddp, one = torchrun_and_one(args, tmp_path)
+    assert record(ddp)["world_size"] == 2
+    assert record(one)["world_size"] == 1
+    assert max_difference(weights(ddp), weights(one)) < 1e-5
 
 
 #: ``unroll`` with a NaN loss at the third training step of process 1 only
